@@ -1,0 +1,12 @@
+//! Legacy PC devices: the 16550A UART, the i8042 controller's reset line, the ACPI
+//! hardware-reduced power registers and a debug-exit port.
+
+mod acpi_pm;
+mod debug_exit;
+mod i8042;
+mod serial;
+
+pub use acpi_pm::{AcpiPmDevice, ACPI_RESET_VALUE, ACPI_SLP_EN, ACPI_S5_SLP_TYP};
+pub use debug_exit::DebugExitDevice;
+pub use i8042::I8042;
+pub use serial::{EventFdTrigger, Serial};

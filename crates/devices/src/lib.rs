@@ -1,0 +1,12 @@
+//! Emulated devices and the buses that route guest port I/O and MMIO to them.
+//!
+//! Every device here is a register model: the guest reads and writes registers through a
+//! [`Bus`], and the device answers without blocking. Interrupts and VM exits are signalled
+//! through eventfds handed in by the VMM.
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError, BusStats};
+pub use exit::{ExitHandle, VmExitReason};

@@ -1,0 +1,334 @@
+//! The command line (Cloud Hypervisor's syntax for the options we share) and the JSON
+//! config file with the same settings; both become a [`vmm::VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+use vmm::{SerialConfig, VmConfig};
+
+/// A user error in the command line or config file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("--kernel is required (on the command line or in the --config file)")]
+    NoKernel,
+    #[error("{option}: unknown parameter '{key}' (expected {expected})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("{option}: '{value}' is not a valid {what}")]
+    BadValue {
+        option: &'static str,
+        value: String,
+        what: &'static str,
+    },
+    #[error("--serial: '{0}' is not one of tty, off, null, file=PATH")]
+    BadSerial(String),
+    #[error("--config {path}: {reason}")]
+    ConfigFile { path: String, reason: String },
+}
+
+#[derive(Parser, Debug, Default)]
+#[command(name = "vireo", version, about = "A virtual machine monitor on Linux KVM")]
+pub struct Cli {
+    /// Kernel image: an ELF vmlinux (booted through its PVH entry when it has one) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial RAM disk handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// vCPUs: boot=N (1 to 254; default 1).
+    #[arg(long, value_name = "boot=N")]
+    pub cpus: Option<String>,
+    /// Guest RAM: size=SIZE with a K, M or G suffix (default 512M).
+    #[arg(long, value_name = "size=SIZE")]
+    pub memory: Option<String>,
+    /// Guest console (COM1): tty (stdin/stdout), off, or file=PATH (default tty).
+    #[arg(long, value_name = "tty|off|file=PATH")]
+    pub serial: Option<String>,
+    /// JSON file with the same settings; options given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace (default info).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// The config file: `{"kernel": "...", "initramfs": "...", "cmdline": "...",
+/// "cpus": {"boot": 2}, "memory": {"size": "1G"}, "serial": "tty" | "off" | "file=PATH"}`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<CpusFile>,
+    memory: Option<MemoryFile>,
+    serial: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CpusFile {
+    boot: u64,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct MemoryFile {
+    size: SizeValue,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+/// Parses "512M", "1G", "4096", "64K" (binary multiples).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let mult = match &s[i..] {
+                "K" | "k" | "KiB" => 1 << 10,
+                "M" | "m" | "MiB" => 1 << 20,
+                "G" | "g" | "GiB" => 1 << 30,
+                "T" | "t" | "TiB" => 1 << 40,
+                _ => return None,
+            };
+            (&s[..i], mult)
+        }
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Splits "a=1,b=2" into pairs, refusing keys not in `allowed`.
+fn key_values<'a>(
+    option: &'static str,
+    s: &'a str,
+    allowed: &'static [&'static str],
+    expected: &'static str,
+) -> Result<Vec<(&'a str, &'a str)>, CliError> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            if allowed.contains(&k) {
+                Ok((k, v))
+            } else {
+                Err(CliError::UnknownKey {
+                    option,
+                    key: k.to_string(),
+                    expected,
+                })
+            }
+        })
+        .collect()
+}
+
+pub fn parse_cpus(s: &str) -> Result<u8, CliError> {
+    let mut boot = DEFAULT_VCPUS;
+    for (_, v) in key_values("--cpus", s, &["boot"], "boot=N")? {
+        let n: u64 = v.parse().map_err(|_| CliError::BadValue {
+            option: "--cpus",
+            value: v.to_string(),
+            what: "vCPU count",
+        })?;
+        boot = vcpu_count(n)?;
+    }
+    Ok(boot)
+}
+
+fn vcpu_count(n: u64) -> Result<u8, CliError> {
+    // Range checks with the message users expect live in VmConfig::validate; here only
+    // make sure the number survives the conversion.
+    u8::try_from(n).map_err(|_| CliError::BadValue {
+        option: "--cpus",
+        value: n.to_string(),
+        what: "vCPU count (1 to 254)",
+    })
+}
+
+pub fn parse_memory(s: &str) -> Result<u64, CliError> {
+    let mut size = DEFAULT_MEMORY;
+    for (_, v) in key_values("--memory", s, &["size"], "size=SIZE")? {
+        size = parse_size(v).ok_or_else(|| CliError::BadValue {
+            option: "--memory",
+            value: v.to_string(),
+            what: "size (a number with an optional K, M or G suffix)",
+        })?;
+    }
+    Ok(size)
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialConfig, CliError> {
+    match s {
+        "tty" => Ok(SerialConfig::Tty),
+        "off" | "null" => Ok(SerialConfig::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(CliError::BadSerial(s.to_string())),
+        },
+    }
+}
+
+pub fn parse_config_file(path: &std::path::Path, text: &str) -> Result<ConfigFile, CliError> {
+    serde_json::from_str(text).map_err(|e| CliError::ConfigFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl Cli {
+    /// Merges the config file (if any) under the command line and builds the VM config.
+    pub fn into_vm_config(self, file: Option<ConfigFile>) -> Result<VmConfig, CliError> {
+        let file = file.unwrap_or_default();
+        let kernel = self.kernel.or(file.kernel).ok_or(CliError::NoKernel)?;
+        let vcpus = match (&self.cpus, &file.cpus) {
+            (Some(s), _) => parse_cpus(s)?,
+            (None, Some(c)) => vcpu_count(c.boot)?,
+            (None, None) => DEFAULT_VCPUS,
+        };
+        let memory_size = match (&self.memory, &file.memory) {
+            (Some(s), _) => parse_memory(s)?,
+            (None, Some(MemoryFile { size: SizeValue::Bytes(b) })) => *b,
+            (None, Some(MemoryFile { size: SizeValue::Text(t) })) => {
+                parse_size(t).ok_or_else(|| CliError::BadValue {
+                    option: "memory.size",
+                    value: t.clone(),
+                    what: "size (a number with an optional K, M or G suffix)",
+                })?
+            }
+            (None, None) => DEFAULT_MEMORY,
+        };
+        let serial = match self.serial.as_deref().or(file.serial.as_deref()) {
+            Some(s) => parse_serial(s)?,
+            None => SerialConfig::Tty,
+        };
+        Ok(VmConfig {
+            kernel,
+            initramfs: self.initramfs.or(file.initramfs),
+            cmdline: self.cmdline.or(file.cmdline).unwrap_or_default(),
+            vcpus,
+            memory_size,
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vireo").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("6GiB"), Some(6 << 30));
+        for bad in ["", "M", "12X", "1.5G", "-1G", "99999999999999999999G"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cli(&["--kernel", "k"]).into_vm_config(None).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_size, 512 << 20);
+        assert_eq!(c.serial, SerialConfig::Tty);
+        assert_eq!(c.cmdline, "");
+        assert_eq!(c.initramfs, None);
+    }
+
+    #[test]
+    fn all_options() {
+        let c = cli(&[
+            "--kernel", "k", "--initramfs", "i", "--cmdline", "a b", "--cpus", "boot=4",
+            "--memory", "size=1G", "--serial", "file=/tmp/x",
+        ])
+        .into_vm_config(None)
+        .unwrap();
+        assert_eq!(c.vcpus, 4);
+        assert_eq!(c.memory_size, 1 << 30);
+        assert_eq!(c.cmdline, "a b");
+        assert_eq!(c.initramfs, Some(PathBuf::from("i")));
+        assert_eq!(c.serial, SerialConfig::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn bad_options_name_the_problem() {
+        let e = cli(&["--kernel", "k", "--cpus", "max=4"]).into_vm_config(None).unwrap_err();
+        assert!(matches!(e, CliError::UnknownKey { key, .. } if key == "max"));
+        let e = cli(&["--kernel", "k", "--cpus", "boot=x"]).into_vm_config(None).unwrap_err();
+        assert!(e.to_string().contains("--cpus"));
+        let e = cli(&["--kernel", "k", "--cpus", "boot=300"]).into_vm_config(None).unwrap_err();
+        assert!(e.to_string().contains("300"));
+        let e = cli(&["--kernel", "k", "--memory", "size=lots"]).into_vm_config(None).unwrap_err();
+        assert!(e.to_string().contains("lots"));
+        let e = cli(&["--kernel", "k", "--serial", "pty"]).into_vm_config(None).unwrap_err();
+        assert_eq!(e, CliError::BadSerial("pty".into()));
+        assert_eq!(cli(&[]).into_vm_config(None).unwrap_err(), CliError::NoKernel);
+        assert!(parse_serial("file=").is_err());
+        assert_eq!(parse_serial("null").unwrap(), SerialConfig::Off);
+    }
+
+    #[test]
+    fn config_file_gives_the_same_settings() {
+        let path = std::path::Path::new("vm.json");
+        let f = parse_config_file(
+            path,
+            r#"{"kernel": "k", "initramfs": "i", "cmdline": "c", "cpus": {"boot": 2},
+                "memory": {"size": "128M"}, "serial": "off"}"#,
+        )
+        .unwrap();
+        let c = Cli::default().into_vm_config(Some(f)).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("k"));
+        assert_eq!(c.initramfs, Some(PathBuf::from("i")));
+        assert_eq!((c.vcpus, c.memory_size), (2, 128 << 20));
+        assert_eq!(c.serial, SerialConfig::Off);
+        assert_eq!(c.cmdline, "c");
+
+        let f = parse_config_file(path, r#"{"kernel": "k", "memory": {"size": 1048576}}"#).unwrap();
+        assert_eq!(Cli::default().into_vm_config(Some(f)).unwrap().memory_size, 1 << 20);
+    }
+
+    #[test]
+    fn command_line_overrides_config_file() {
+        let f = parse_config_file(
+            std::path::Path::new("vm.json"),
+            r#"{"kernel": "k", "cpus": {"boot": 2}}"#,
+        )
+        .unwrap();
+        let c = cli(&["--cpus", "boot=3"]).into_vm_config(Some(f)).unwrap();
+        assert_eq!(c.vcpus, 3);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let p = std::path::Path::new("vm.json");
+        for bad in [r#"{"kernel": 3}"#, r#"{"kernal": "k"}"#, "not json", r#"{"cpus": {"max": 2}}"#] {
+            let e = parse_config_file(p, bad).unwrap_err();
+            assert!(e.to_string().starts_with("--config vm.json:"), "{e}");
+        }
+    }
+}

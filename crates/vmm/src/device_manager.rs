@@ -1,0 +1,177 @@
+//! Creates the devices, registers them on the buses, wires their interrupts (irqfds), and
+//! describes them for the guest's DSDT.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use arch::acpi::AcpiPmPorts;
+use arch::acpi_tables::{aml, Aml, AmlSink};
+use arch::layout;
+use devices::legacy::{
+    AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP,
+};
+use devices::{Bus, BusError, ExitHandle};
+
+use crate::config::SerialConfig;
+
+/// Errors while creating devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot register {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot register the irqfd of {what} on GSI {gsi}: {source}")]
+    Irqfd {
+        what: &'static str,
+        gsi: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("--serial file={path}: {source}")]
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A device's entry in the DSDT, serialized once.
+struct DsdtDevice(Vec<u8>);
+
+impl Aml for DsdtDevice {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+pub struct DeviceManager {
+    pio_bus: Bus,
+    mmio_bus: Bus,
+    serial: Arc<Mutex<Serial>>,
+    dsdt_devices: Vec<DsdtDevice>,
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
+}
+
+/// Writes the guest's console to stdout without Rust's line buffering, so a partial line
+/// (a prompt) shows at once.
+struct RawStdout;
+
+impl Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: writing from a valid buffer to fd 1.
+        let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DeviceManager {
+    pub fn new(vm: &VmFd, exit: &ExitHandle, serial_cfg: &SerialConfig) -> Result<Self, DeviceError> {
+        let mut pio_bus = Bus::new();
+        let mmio_bus = Bus::new();
+
+        let out: Box<dyn Write + Send> = match serial_cfg {
+            SerialConfig::Tty => Box::new(RawStdout),
+            SerialConfig::Off => Box::new(std::io::sink()),
+            SerialConfig::File(path) => Box::new(File::create(path).map_err(|source| {
+                DeviceError::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?),
+        };
+        let serial_irq = eventfd("COM1")?;
+        vm.register_irqfd(&serial_irq, layout::IRQ_COM1)
+            .map_err(|source| DeviceError::Irqfd {
+                what: "COM1",
+                gsi: layout::IRQ_COM1,
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
+        pio_bus.insert("COM1", serial.clone(), layout::PORT_COM1, 8)?;
+        pio_bus.insert(
+            "i8042",
+            Arc::new(Mutex::new(devices::legacy::I8042::new(exit.clone()))),
+            layout::PORT_I8042,
+            5,
+        )?;
+        pio_bus.insert(
+            "ACPI PM",
+            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
+            layout::PORT_ACPI_PM,
+            AcpiPmDevice::LEN,
+        )?;
+        pio_bus.insert(
+            "debug exit",
+            Arc::new(Mutex::new(DebugExitDevice::new(exit.clone()))),
+            layout::PORT_DEBUG_EXIT,
+            1,
+        )?;
+
+        let dsdt_devices = vec![com1_dsdt()];
+        Ok(Self {
+            pio_bus,
+            mmio_bus,
+            serial,
+            dsdt_devices,
+        })
+    }
+
+    /// The ports the FADT announces for reset and sleep.
+    pub fn acpi_pm_ports() -> AcpiPmPorts {
+        let base = layout::PORT_ACPI_PM as u16;
+        AcpiPmPorts {
+            sleep_control: base + AcpiPmDevice::SLEEP_CONTROL_OFFSET as u16,
+            sleep_status: base + AcpiPmDevice::SLEEP_STATUS_OFFSET as u16,
+            reset: base + AcpiPmDevice::RESET_OFFSET as u16,
+            reset_value: ACPI_RESET_VALUE,
+            s5_slp_typ: ACPI_S5_SLP_TYP,
+        }
+    }
+
+    pub fn dsdt_devices(&self) -> Vec<&dyn Aml> {
+        self.dsdt_devices.iter().map(|d| d as &dyn Aml).collect()
+    }
+
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// Hands the buses over to the vCPUs.
+    pub fn into_buses(self) -> (Arc<Bus>, Arc<Bus>) {
+        (Arc::new(self.pio_bus), Arc::new(self.mmio_bus))
+    }
+}
+
+/// COM1 as a PC BIOS describes it: PNP0501, ports 0x3f8-0x3ff, ISA IRQ 4.
+fn com1_dsdt() -> DsdtDevice {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let io = aml::IO::new(
+        layout::PORT_COM1 as u16,
+        layout::PORT_COM1 as u16,
+        0,
+        8,
+    );
+    let irq = aml::Interrupt::new(true, true, false, false, layout::IRQ_COM1);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
+    let dev = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+    let mut bytes = Vec::new();
+    dev.to_aml_bytes(&mut bytes);
+    DsdtDevice(bytes)
+}

@@ -1,0 +1,12 @@
+//! The VMM: turns a [`VmConfig`] into a running KVM virtual machine — memory, vCPU threads
+//! and their exit loop, devices and their buses — and stops it in order.
+
+pub mod config;
+pub mod device_manager;
+pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{SerialConfig, VmConfig};
+pub use vm::{run, ExitStatus, VmError};

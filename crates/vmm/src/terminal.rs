@@ -1,0 +1,105 @@
+//! The host terminal: raw mode while the guest owns the console, restored on every exit
+//! path (normal return, signal, panic), and a thread feeding stdin to the guest's UART.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use devices::legacy::Serial;
+
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+/// Puts stdin in raw mode if it is a terminal; dropping the guard restores it.
+pub struct RawModeGuard {
+    active: bool,
+}
+
+impl RawModeGuard {
+    pub fn enable() -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with valid termios pointers.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return Self { active: false };
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return Self { active: false };
+            }
+            let _ = SAVED_TERMIOS.set(t);
+            let mut raw = t;
+            libc::cfmakeraw(&mut raw);
+            // Keep output post-processing so host-side messages still start at column 0.
+            raw.c_oflag = t.c_oflag;
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return Self { active: false };
+            }
+        }
+        install_panic_restore();
+        Self { active: true }
+    }
+}
+
+impl Drop for RawModeGuard {
+    fn drop(&mut self) {
+        if self.active {
+            restore();
+        }
+    }
+}
+
+/// Puts the terminal back as it was before raw mode.
+pub fn restore() {
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: restoring a termios read from the same fd.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, t);
+        }
+    }
+}
+
+fn install_panic_restore() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore();
+            prev(info);
+        }));
+    });
+}
+
+/// Feeds stdin to the UART's receive FIFO until stdin closes. The thread blocks in read();
+/// it needs no stopping since it holds nothing that must be flushed.
+pub fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                // SAFETY: reading into a valid stack buffer from fd 0.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if n == 0 {
+                    return;
+                }
+                if n < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                let mut pending = &buf[..n as usize];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if taken == 0 {
+                        // The guest has not drained its FIFO yet.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}

@@ -1,0 +1,353 @@
+//! Building a VM from a [`VmConfig`] and running it until the guest or the host ends it.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use arch::acpi::{create_acpi_tables, AcpiConfig};
+use arch::boot::{configure_boot, load_initrd, load_kernel, write_cmdline, BootError};
+use arch::cpuid::CpuidConfig;
+use arch::layout;
+use devices::{ExitHandle, VmExitReason};
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::memory::{MemoryError, MemoryManager};
+use crate::terminal::{spawn_stdin_reader, RawModeGuard};
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+
+/// Everything that can stop a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(std::io::Error),
+    #[error("/dev/kvm lacks {0:?}, which vireo needs")]
+    MissingCap(Cap),
+    #[error("cannot create a VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("cannot set up the VM's {what}: {source}")]
+    VmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("{what} {path}: {source}")]
+    OpenFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: String },
+    #[error("kernel {path}: {source}")]
+    Kernel { path: String, source: BootError },
+    #[error("initramfs {path}: {source}")]
+    Initramfs { path: String, source: BootError },
+    #[error(transparent)]
+    Boot(BootError),
+    #[error(transparent)]
+    Acpi(#[from] arch::acpi::AcpiError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot get KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the console input thread: {0}")]
+    StdinThread(std::io::Error),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// How a VM run ended, as the process exit status the binary should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitStatus(pub i32);
+
+fn open_regular(what: &'static str, path: &Path) -> Result<File, VmError> {
+    let f = File::open(path).map_err(|source| VmError::OpenFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })?;
+    let is_file = f
+        .metadata()
+        .map(|m| m.is_file())
+        .map_err(|source| VmError::OpenFile {
+            what,
+            path: path.display().to_string(),
+            source,
+        })?;
+    if !is_file {
+        return Err(VmError::NotAFile {
+            what,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(f)
+}
+
+/// SIGINT and SIGTERM are blocked in every thread and read from a signalfd by the main
+/// thread, so they end the VM through the same orderly path as a guest reset.
+struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    fn block() -> Result<Self, VmError> {
+        // SAFETY: plain libc signal-mask calls on a local sigset.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(VmError::Signals(std::io::Error::last_os_error()));
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(VmError::Signals(std::io::Error::last_os_error()));
+            }
+            Ok(Self {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: reading one signalfd_siginfo into a correctly sized buffer.
+        unsafe {
+            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+            let n = libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            );
+            (n == std::mem::size_of::<libc::signalfd_siginfo>() as isize)
+                .then_some(info.ssi_signo as i32)
+        }
+    }
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+    for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Ioeventfd, Cap::Pit2, Cap::ImmediateExit] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+    let setup = |what: &'static str| move |source| VmError::VmSetup { what, source };
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(setup("TSS address"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+        .map_err(setup("identity map address"))?;
+    vm.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(setup("PIT"))?;
+    Ok(vm)
+}
+
+/// Builds the VM described by `config`, runs it, and returns the exit status.
+pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
+    config.validate()?;
+    let signals = Signals::block()?;
+    vcpu::install_kick_handler()?;
+
+    let mut kernel_file = open_regular("kernel", &config.kernel)?;
+    let mut initrd_file = match &config.initramfs {
+        Some(p) => Some(open_regular("initramfs", p)?),
+        None => None,
+    };
+
+    let kvm = open_kvm()?;
+    let vm = create_vm(&kvm)?;
+    let memory = MemoryManager::new(config.memory_size)?;
+    memory.register_with(&vm)?;
+    let mem = memory.guest_memory();
+
+    let exit = ExitHandle::new().map_err(|source| DeviceError::EventFd {
+        what: "VM exit",
+        source,
+    })?;
+    let devices = DeviceManager::new(&vm, &exit, &config.serial)?;
+
+    let kernel_path = config.kernel.display().to_string();
+    let kernel = load_kernel(mem, &mut kernel_file).map_err(|source| VmError::Kernel {
+        path: kernel_path.clone(),
+        source,
+    })?;
+    let initrd = match (&mut initrd_file, &config.initramfs) {
+        (Some(f), Some(p)) => Some(load_initrd(mem, config.memory_size, &kernel, f).map_err(
+            |source| VmError::Initramfs {
+                path: p.display().to_string(),
+                source,
+            },
+        )?),
+        _ => None,
+    };
+    let pvm = arch::host_is_pvm();
+    if pvm {
+        tracing::info!(
+            "host KVM is PVM (software backend): hiding CPUID features its emulator rejects (XSAVE, POPCNT, CX16, RDTSCP, BMI1/2, ERMS, FSRM, ...)"
+        );
+    }
+    let cmdline_len = write_cmdline(mem, &config.cmdline).map_err(VmError::Boot)?;
+    let dsdt_devices = devices.dsdt_devices();
+    let rsdp = create_acpi_tables(
+        mem,
+        &AcpiConfig {
+            vcpu_count: config.vcpus,
+            pm: DeviceManager::acpi_pm_ports(),
+            dsdt_devices: &dsdt_devices,
+            isa_irq_overrides: &[0, layout::IRQ_COM1 as u8],
+        },
+    )?;
+    let entry = configure_boot(mem, config.memory_size, &kernel, cmdline_len, initrd, rsdp)
+        .map_err(VmError::Boot)?;
+    tracing::info!(
+        "booting {kernel_path} via {}: {} vCPUs, {} MiB",
+        kernel.protocol(),
+        config.vcpus,
+        config.memory_size >> 20
+    );
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::SupportedCpuid)?;
+    let cpuid_cfg = CpuidConfig {
+        vcpu_count: config.vcpus,
+        hide_pvm_unsupported: pvm,
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(&vm, id, &supported, cpuid_cfg)?);
+    }
+    if let Some(bsp) = vcpus.first() {
+        bsp.setup_boot_registers(mem, entry)?;
+    }
+
+    let serial = devices.serial();
+    let (pio, mmio) = devices.into_buses();
+    let _raw = if config.serial == SerialConfig::Tty {
+        let guard = RawModeGuard::enable();
+        spawn_stdin_reader(serial).map_err(VmError::StdinThread)?;
+        Some(guard)
+    } else {
+        None
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = VcpuShared {
+        pio,
+        mmio,
+        exit: exit.clone(),
+        stop: stop.clone(),
+    };
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        match vcpu::spawn(v, shared.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                if !stop_vcpus(&stop, threads) {
+                    std::mem::forget(memory);
+                    std::mem::forget(vm);
+                }
+                return Err(e.into());
+            }
+        }
+    }
+
+    let outcome = wait_for_exit(&exit, &signals);
+    if !stop_vcpus(&stop, threads) {
+        // A vCPU thread is still inside KVM_RUN: its guest memory and VM must outlive it.
+        tracing::warn!("a vCPU thread did not stop; leaving it to process exit");
+        std::mem::forget(memory);
+        std::mem::forget(vm);
+    }
+    outcome
+}
+
+fn wait_for_exit(exit: &ExitHandle, signals: &Signals) -> Result<ExitStatus, VmError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: exit.eventfd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: polling two valid fds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Some(sig) = signals.read() {
+                tracing::info!("signal {sig}: stopping the VM");
+                return Ok(ExitStatus(128 + sig));
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            match exit.reason() {
+                Some(VmExitReason::Reset) => {
+                    tracing::info!("guest reset: stopping the VM");
+                    return Ok(ExitStatus(0));
+                }
+                Some(VmExitReason::Poweroff) => {
+                    tracing::info!("guest powered off");
+                    return Ok(ExitStatus(0));
+                }
+                Some(VmExitReason::DebugExit(code)) => return Ok(ExitStatus(i32::from(code))),
+                Some(VmExitReason::Fatal(msg)) => return Err(VmError::Fatal(msg)),
+                None => {
+                    let _ = exit.eventfd().read();
+                }
+            }
+        }
+    }
+}
+
+/// Asks every vCPU thread to leave KVM_RUN and waits briefly for them; a thread stuck in
+/// the kernel is left behind rather than hanging the VMM.
+/// Returns whether all of them stopped.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) -> bool {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut all = true;
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            vcpu::kick(&t);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            all = false;
+        }
+    }
+    all
+}
