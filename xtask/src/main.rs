@@ -1,21 +1,120 @@
-//! Project tasks: the guest kit and the benchmarks.
+//! Project tasks: the guest kit, the test groups, the demo boot and the benchmarks.
+//!
+//! - `cargo xtask boot`  — build vireo (release) and the kit, then boot the probe guest
+//! - `cargo xtask test`  — build the kit, run every test group
+//! - `cargo xtask kit`   — build the guest kit only
+//! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, boot time, RSS, port-I/O exits
 
+mod bench;
+mod kit;
 mod probe;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-fn main() -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+use anyhow::{bail, Context, Result};
+
+fn root() -> Result<PathBuf> {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
-        .ok_or_else(|| anyhow::anyhow!("xtask has no parent directory"))?;
+        .context("xtask has no parent directory")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub struct Kit {
+    pub probe: probe::ProbeImages,
+    pub debian: kit::DebianKernel,
+}
+
+fn build_kit(root: &Path) -> Result<Kit> {
+    let dir = root.join("target/kit");
+    let probe = probe::build(root, &dir.join("probe"))?;
+    let debian = kit::build(&dir.join("debian"))?;
+    Ok(Kit { probe, debian })
+}
+
+fn build_vireo(root: &Path) -> Result<PathBuf> {
+    run(cargo()
+        .current_dir(root)
+        .args(["build", "--quiet", "--release", "-p", "vireo"]))?;
+    Ok(root.join("target/release/vireo"))
+}
+
+fn main() -> Result<()> {
+    let root = root()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("probe") => {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["probe"] => {
             let images = probe::build(&root, &root.join("target/kit/probe"))?;
             println!("{}\n{}", images.elf.display(), images.bzimage.display());
         }
-        _ => anyhow::bail!("usage: cargo xtask probe"),
+        ["kit"] => {
+            let kit = build_kit(&root)?;
+            println!("probe (PVH ELF): {}", kit.probe.elf.display());
+            println!("probe (bzImage): {}", kit.probe.bzimage.display());
+            println!(
+                "Debian kernel {}: {}",
+                kit.debian.version,
+                kit.debian.vmlinux.display()
+            );
+        }
+        ["boot"] => {
+            let vireo = build_vireo(&root)?;
+            let kit = build_kit(&root)?;
+            eprintln!(
+                "booting the probe guest: {} --kernel {} --cpus boot=2 --memory size=512M --cmdline 'probe.mode=boot'",
+                vireo.display(),
+                kit.probe.elf.display()
+            );
+            let status = Command::new(&vireo)
+                .arg("--kernel")
+                .arg(&kit.probe.elf)
+                .args(["--cpus", "boot=2", "--memory", "size=512M"])
+                .args(["--cmdline", "probe.mode=boot"])
+                .status()?;
+            if !status.success() {
+                bail!("vireo exited with {status}");
+            }
+        }
+        ["test", rest @ ..] => {
+            build_kit(&root)?;
+            let kit_dir = root.join("target/kit");
+            // Fast group: unit tests and probe-guest boots, in parallel.
+            run(cargo()
+                .current_dir(&root)
+                .env("VIREO_KIT", &kit_dir)
+                .arg("test")
+                .args(rest))?;
+            // Slow group: Linux guests, one at a time, after every build has finished.
+            run(cargo()
+                .current_dir(&root)
+                .env("VIREO_KIT", &kit_dir)
+                .args(["test", "-p", "vireo", "--test", "linux"])
+                .args(rest)
+                .args(["--", "--ignored", "--test-threads=1"]))?;
+        }
+        ["bench", "boot", rest @ ..] => {
+            let vireo = build_vireo(&root)?;
+            let kit = build_kit(&root)?;
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(10);
+            bench::boot(&vireo, &kit.probe.elf, n)?;
+        }
+        _ => bail!("usage: cargo xtask boot | test | kit | probe | bench boot [N]"),
     }
     Ok(())
 }

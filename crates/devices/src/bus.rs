@@ -118,7 +118,11 @@ impl Bus {
             None => {
                 data.fill(0xff);
                 self.stats.unclaimed_reads.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(addr = format_args!("{addr:#x}"), len = data.len(), "unclaimed read");
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    len = data.len(),
+                    "unclaimed read"
+                );
                 false
             }
         }
@@ -133,7 +137,11 @@ impl Bus {
             }
             None => {
                 self.stats.unclaimed_writes.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(addr = format_args!("{addr:#x}"), len = data.len(), "unclaimed write");
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    len = data.len(),
+                    "unclaimed write"
+                );
                 false
             }
         }
@@ -219,7 +227,10 @@ mod tests {
         bus.insert("a", scratch(), 0x100, 0x10).unwrap();
         for (base, len) in [(0x100, 1), (0xf8, 0x10), (0x10f, 1), (0x0, 0x1000)] {
             let err = bus.insert("b", scratch(), base, len).unwrap_err();
-            assert!(matches!(err, BusError::Overlap { .. }), "{base:#x}+{len:#x}");
+            assert!(
+                matches!(err, BusError::Overlap { .. }),
+                "{base:#x}+{len:#x}"
+            );
         }
         // Adjacent ranges are fine.
         bus.insert("below", scratch(), 0xf0, 0x10).unwrap();

@@ -31,7 +31,11 @@ pub enum CliError {
 }
 
 #[derive(Parser, Debug, Default)]
-#[command(name = "vireo", version, about = "A virtual machine monitor on Linux KVM")]
+#[command(
+    name = "vireo",
+    version,
+    about = "A virtual machine monitor on Linux KVM"
+)]
 pub struct Cli {
     /// Kernel image: an ELF vmlinux (booted through its PVH entry when it has one) or a bzImage.
     #[arg(long, value_name = "PATH")]
@@ -205,14 +209,22 @@ impl Cli {
         };
         let memory_size = match (&self.memory, &file.memory) {
             (Some(s), _) => parse_memory(s)?,
-            (None, Some(MemoryFile { size: SizeValue::Bytes(b) })) => *b,
-            (None, Some(MemoryFile { size: SizeValue::Text(t) })) => {
-                parse_size(t).ok_or_else(|| CliError::BadValue {
-                    option: "memory.size",
-                    value: t.clone(),
-                    what: "size (a number with an optional K, M or G suffix)",
-                })?
-            }
+            (
+                None,
+                Some(MemoryFile {
+                    size: SizeValue::Bytes(b),
+                }),
+            ) => *b,
+            (
+                None,
+                Some(MemoryFile {
+                    size: SizeValue::Text(t),
+                }),
+            ) => parse_size(t).ok_or_else(|| CliError::BadValue {
+                option: "memory.size",
+                value: t.clone(),
+                what: "size (a number with an optional K, M or G suffix)",
+            })?,
             (None, None) => DEFAULT_MEMORY,
         };
         let serial = match self.serial.as_deref().or(file.serial.as_deref()) {
@@ -263,8 +275,18 @@ mod tests {
     #[test]
     fn all_options() {
         let c = cli(&[
-            "--kernel", "k", "--initramfs", "i", "--cmdline", "a b", "--cpus", "boot=4",
-            "--memory", "size=1G", "--serial", "file=/tmp/x",
+            "--kernel",
+            "k",
+            "--initramfs",
+            "i",
+            "--cmdline",
+            "a b",
+            "--cpus",
+            "boot=4",
+            "--memory",
+            "size=1G",
+            "--serial",
+            "file=/tmp/x",
         ])
         .into_vm_config(None)
         .unwrap();
@@ -277,17 +299,30 @@ mod tests {
 
     #[test]
     fn bad_options_name_the_problem() {
-        let e = cli(&["--kernel", "k", "--cpus", "max=4"]).into_vm_config(None).unwrap_err();
+        let e = cli(&["--kernel", "k", "--cpus", "max=4"])
+            .into_vm_config(None)
+            .unwrap_err();
         assert!(matches!(e, CliError::UnknownKey { key, .. } if key == "max"));
-        let e = cli(&["--kernel", "k", "--cpus", "boot=x"]).into_vm_config(None).unwrap_err();
+        let e = cli(&["--kernel", "k", "--cpus", "boot=x"])
+            .into_vm_config(None)
+            .unwrap_err();
         assert!(e.to_string().contains("--cpus"));
-        let e = cli(&["--kernel", "k", "--cpus", "boot=300"]).into_vm_config(None).unwrap_err();
+        let e = cli(&["--kernel", "k", "--cpus", "boot=300"])
+            .into_vm_config(None)
+            .unwrap_err();
         assert!(e.to_string().contains("300"));
-        let e = cli(&["--kernel", "k", "--memory", "size=lots"]).into_vm_config(None).unwrap_err();
+        let e = cli(&["--kernel", "k", "--memory", "size=lots"])
+            .into_vm_config(None)
+            .unwrap_err();
         assert!(e.to_string().contains("lots"));
-        let e = cli(&["--kernel", "k", "--serial", "pty"]).into_vm_config(None).unwrap_err();
+        let e = cli(&["--kernel", "k", "--serial", "pty"])
+            .into_vm_config(None)
+            .unwrap_err();
         assert_eq!(e, CliError::BadSerial("pty".into()));
-        assert_eq!(cli(&[]).into_vm_config(None).unwrap_err(), CliError::NoKernel);
+        assert_eq!(
+            cli(&[]).into_vm_config(None).unwrap_err(),
+            CliError::NoKernel
+        );
         assert!(parse_serial("file=").is_err());
         assert_eq!(parse_serial("null").unwrap(), SerialConfig::Off);
     }
@@ -309,7 +344,10 @@ mod tests {
         assert_eq!(c.cmdline, "c");
 
         let f = parse_config_file(path, r#"{"kernel": "k", "memory": {"size": 1048576}}"#).unwrap();
-        assert_eq!(Cli::default().into_vm_config(Some(f)).unwrap().memory_size, 1 << 20);
+        assert_eq!(
+            Cli::default().into_vm_config(Some(f)).unwrap().memory_size,
+            1 << 20
+        );
     }
 
     #[test]
@@ -326,7 +364,12 @@ mod tests {
     #[test]
     fn config_file_errors_name_the_file() {
         let p = std::path::Path::new("vm.json");
-        for bad in [r#"{"kernel": 3}"#, r#"{"kernal": "k"}"#, "not json", r#"{"cpus": {"max": 2}}"#] {
+        for bad in [
+            r#"{"kernel": 3}"#,
+            r#"{"kernal": "k"}"#,
+            "not json",
+            r#"{"cpus": {"max": 2}}"#,
+        ] {
             let e = parse_config_file(p, bad).unwrap_err();
             assert!(e.to_string().starts_with("--config vm.json:"), "{e}");
         }

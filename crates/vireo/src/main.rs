@@ -4,8 +4,8 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::Parser;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vireo: error: {msg}");
@@ -29,12 +29,18 @@ fn main() -> ExitCode {
 
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
-        Err(_) => return fail(format!("--log-level: '{}' is not a log level", args.log_level)),
+        Err(_) => {
+            return fail(format!(
+                "--log-level: '{}' is not a log level",
+                args.log_level
+            ))
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 

@@ -112,6 +112,9 @@ mod tests {
         c.memory_size = (512 << 20) + 1;
         assert!(matches!(c.validate(), Err(ConfigError::MemoryUnaligned(_))));
         c.memory_size = host_ram() + 4096;
-        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooLarge { .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
     }
 }

@@ -11,9 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use arch::acpi::AcpiPmPorts;
 use arch::acpi_tables::{aml, Aml, AmlSink};
 use arch::layout;
-use devices::legacy::{
-    AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP,
-};
+use devices::legacy::{AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
 use devices::{Bus, BusError, ExitHandle};
 
 use crate::config::SerialConfig;
@@ -81,19 +79,25 @@ impl Write for RawStdout {
 }
 
 impl DeviceManager {
-    pub fn new(vm: &VmFd, exit: &ExitHandle, serial_cfg: &SerialConfig) -> Result<Self, DeviceError> {
+    pub fn new(
+        vm: &VmFd,
+        exit: &ExitHandle,
+        serial_cfg: &SerialConfig,
+    ) -> Result<Self, DeviceError> {
         let mut pio_bus = Bus::new();
         let mmio_bus = Bus::new();
 
         let out: Box<dyn Write + Send> = match serial_cfg {
             SerialConfig::Tty => Box::new(RawStdout),
             SerialConfig::Off => Box::new(std::io::sink()),
-            SerialConfig::File(path) => Box::new(File::create(path).map_err(|source| {
-                DeviceError::SerialFile {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?),
+            SerialConfig::File(path) => {
+                Box::new(
+                    File::create(path).map_err(|source| DeviceError::SerialFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
         };
         let serial_irq = eventfd("COM1")?;
         vm.register_irqfd(&serial_irq, layout::IRQ_COM1)
@@ -162,12 +166,7 @@ impl DeviceManager {
 fn com1_dsdt() -> DsdtDevice {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let io = aml::IO::new(
-        layout::PORT_COM1 as u16,
-        layout::PORT_COM1 as u16,
-        0,
-        8,
-    );
+    let io = aml::IO::new(layout::PORT_COM1 as u16, layout::PORT_COM1 as u16, 0, 8);
     let irq = aml::Interrupt::new(true, true, false, false, layout::IRQ_COM1);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
     let dev = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);

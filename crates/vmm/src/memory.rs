@@ -167,6 +167,9 @@ mod tests {
             assert!((layout::GSI_FIRST_FREE..=layout::GSI_LAST).contains(&g));
             seen.push(g);
         }
-        assert_eq!(seen.len() as u32, layout::GSI_LAST - layout::GSI_FIRST_FREE + 1);
+        assert_eq!(
+            seen.len() as u32,
+            layout::GSI_LAST - layout::GSI_FIRST_FREE + 1
+        );
     }
 }

@@ -141,8 +141,15 @@ impl Signals {
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(std::io::Error::from_raw_os_error(e.errno())))?;
-    for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Ioeventfd, Cap::Pit2, Cap::ImmediateExit] {
+    let kvm =
+        Kvm::new().map_err(|e| VmError::OpenKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+    for cap in [
+        Cap::Irqchip,
+        Cap::Irqfd,
+        Cap::Ioeventfd,
+        Cap::Pit2,
+        Cap::ImmediateExit,
+    ] {
         if !kvm.check_extension(cap) {
             return Err(VmError::MissingCap(cap));
         }
@@ -205,12 +212,22 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         _ => None,
     };
     let pvm = arch::host_is_pvm();
+    let mut cmdline = config.cmdline.clone();
     if pvm {
         tracing::info!(
-            "host KVM is PVM (software backend): hiding CPUID features its emulator rejects (XSAVE, POPCNT, CX16, RDTSCP, BMI1/2, ERMS, FSRM, ...)"
+            "host KVM is PVM (software backend): hiding CPUID features its emulator rejects"
         );
+        if kernel.is_linux {
+            // PVM shows the guest XSAVE, POPCNT, BMI1/2, ERMS and FSRM whatever the vCPU's
+            // CPUID says (measured with the probe guest); Linux can hide them itself.
+            let words = arch::cpuid::PVM_LINUX_CMDLINE;
+            tracing::info!(
+                "PVM does not apply the CPUID mask for XSAVE and POPCNT: adding '{words}' to the Linux command line"
+            );
+            cmdline = format!("{} {words}", cmdline.trim()).trim().to_string();
+        }
     }
-    let cmdline_len = write_cmdline(mem, &config.cmdline).map_err(VmError::Boot)?;
+    let cmdline_len = write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
     let dsdt_devices = devices.dsdt_devices();
     let rsdp = create_acpi_tables(
         mem,

@@ -4,7 +4,9 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -76,15 +78,24 @@ const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 
 fn io_register(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIREODSD", OEM_REVISION);
     aml::Scope::new("_SB_".into(), cfg.dsdt_devices.to_vec()).to_aml_bytes(&mut dsdt);
     let typ = u8::from(cfg.pm.s5_slp_typ);
-    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&typ, &typ, &0u8, &0u8]))
-        .to_aml_bytes(&mut dsdt);
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&typ, &typ, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut dsdt);
     dsdt.as_slice().to_vec()
 }
 

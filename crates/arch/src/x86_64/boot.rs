@@ -9,14 +9,16 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, Cmdline, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use super::layout::{
-    e820_entries, low_ram_end, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START,
-    PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    e820_entries, low_ram_end, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START, PVH_INFO_START,
+    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use super::regs::BootEntry;
 
@@ -38,7 +40,11 @@ pub enum BootError {
     #[error("cannot read the initramfs: {0}")]
     ReadInitrd(std::io::Error),
     #[error("the initramfs ({size} bytes) does not fit in guest RAM between the kernel (ends at {kernel_end:#x}) and {limit:#x}")]
-    InitrdTooLarge { size: u64, kernel_end: u64, limit: u64 },
+    InitrdTooLarge {
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("the initramfs is empty")]
     InitrdEmpty,
     #[error("cannot copy the initramfs into guest memory: {0}")]
@@ -72,6 +78,9 @@ pub struct LoadedKernel {
     pub entry: KernelEntry,
     /// First byte after the loaded image (an initramfs must start above it).
     pub end: u64,
+    /// The image is a Linux kernel (a "Linux" ELF note, or a bzImage with a version string),
+    /// so Linux command-line options apply to it.
+    pub is_linux: bool,
 }
 
 impl LoadedKernel {
@@ -97,7 +106,9 @@ const E820_MAX_ENTRIES_ZEROPAGE: usize = 128;
 /// Detects the format from the file's bytes and loads it.
 pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKernel> {
     let mut magic = [0u8; 4];
-    kernel.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
+    kernel
+        .seek(SeekFrom::Start(0))
+        .map_err(BootError::ReadKernel)?;
     let is_elf = kernel.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     let mut hdrs = [0u8; 4];
     let is_bzimage = kernel.seek(SeekFrom::Start(0x202)).is_ok()
@@ -105,7 +116,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
         && u32::from_le_bytes(hdrs) == KERNEL_HDR_MAGIC;
 
     if is_elf {
-        let r = Elf::load(mem, None, kernel, Some(HIGH_MEMORY_START)).map_err(BootError::LoadElf)?;
+        let r =
+            Elf::load(mem, None, kernel, Some(HIGH_MEMORY_START)).map_err(BootError::LoadElf)?;
         let entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => KernelEntry::Pvh(addr),
             _ => KernelEntry::Elf64(r.kernel_load),
@@ -113,6 +125,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
         Ok(LoadedKernel {
             entry,
             end: r.kernel_end,
+            is_linux: elf_has_linux_note(kernel),
         })
     } else if is_bzimage {
         let r = BzImage::load(mem, None, kernel, Some(HIGH_MEMORY_START))
@@ -138,10 +151,68 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
                 header,
             },
             end,
+            is_linux: bzimage_has_version_string(kernel, header.kernel_version),
         })
     } else {
         Err(BootError::UnknownKernelFormat)
     }
+}
+
+fn read_at(f: &mut File, offset: u64, buf: &mut [u8]) -> bool {
+    f.seek(SeekFrom::Start(offset)).is_ok() && f.read_exact(buf).is_ok()
+}
+
+/// Linux's vmlinux carries notes named "Linux" (LINUX_ELFNOTE_BUILD_SALT and others) in a
+/// PT_NOTE segment; other ELF kernels do not.
+fn elf_has_linux_note(f: &mut File) -> bool {
+    let mut ehdr = [0u8; 64];
+    if !read_at(f, 0, &mut ehdr) || ehdr[4] != 2 {
+        return false;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize < 56 {
+        return false;
+    }
+    for i in 0..u64::from(phnum.min(64)) {
+        let mut ph = [0u8; 56];
+        if !read_at(f, phoff + i * u64::from(phentsize), &mut ph) || ph[..4] != [4, 0, 0, 0] {
+            continue;
+        }
+        let (off, size) = (u64_at(&ph, 8), u64_at(&ph, 32).min(1 << 16));
+        let mut notes = vec![0u8; size as usize];
+        if !read_at(f, off, &mut notes) {
+            continue;
+        }
+        // Walk the notes: namesz, descsz, type, then name and desc padded to 4 bytes.
+        let mut o = 0usize;
+        while o + 12 <= notes.len() {
+            let word = |k: usize| {
+                u32::from_le_bytes([notes[k], notes[k + 1], notes[k + 2], notes[k + 3]]) as usize
+            };
+            let (namesz, descsz) = (word(o), word(o + 4));
+            let name = notes.get(o + 12..o + 12 + namesz).unwrap_or(&[]);
+            if name == b"Linux\0" {
+                return true;
+            }
+            o += 12 + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;
+        }
+    }
+    false
+}
+
+/// A Linux bzImage points `kernel_version` at a version string in its setup code
+/// (boot.rst: the string sits at `kernel_version + 0x200`).
+fn bzimage_has_version_string(f: &mut File, kernel_version: u16) -> bool {
+    let mut b = [0u8; 1];
+    kernel_version != 0
+        && read_at(f, u64::from(kernel_version) + 0x200, &mut b)
+        && b[0].is_ascii_digit()
 }
 
 /// Copies the initramfs to the top of low RAM (below `initrd_addr_max` for a bzImage),
@@ -375,6 +446,7 @@ mod tests {
         LoadedKernel {
             entry: KernelEntry::Pvh(GuestAddress(0x10_0000)),
             end,
+            is_linux: false,
         }
     }
 
@@ -457,6 +529,7 @@ mod tests {
                 },
             },
             end: 0x20_0000,
+            is_linux: true,
         };
         let entry = configure_boot(
             &m,
@@ -478,7 +551,10 @@ mod tests {
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START.0 as u32);
         assert_eq!({ p.hdr.cmdline_size }, 42);
-        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0x300_0000, 99));
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x300_0000, 99)
+        );
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries as usize, e820_entries(size).len());
     }

@@ -125,11 +125,7 @@ fn upsert(cpuid: &mut CpuId, entry: kvm_cpuid_entry2) -> Result<(), CpuidError> 
 
 /// Builds vCPU `vcpu_id`'s CPUID from KVM's supported set. The topology is one socket of
 /// `vcpu_count` cores, one thread each, APIC ID = vCPU index.
-pub fn vcpu_cpuid(
-    supported: &CpuId,
-    vcpu_id: u8,
-    cfg: CpuidConfig,
-) -> Result<CpuId, CpuidError> {
+pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, cfg: CpuidConfig) -> Result<CpuId, CpuidError> {
     let mut cpuid = supported.clone();
     let n = u32::from(cfg.vcpu_count.max(1));
     let apic_id = u32::from(vcpu_id);
@@ -149,11 +145,7 @@ pub fn vcpu_cpuid(
         }
     }
     // Leaf 0xB: extended topology. Subleaf 0 = SMT (1 thread), 1 = core, 2 = invalid.
-    let levels = [
-        (0u32, 0u32, 1u32, 1u32),
-        (1, core_bits, n, 2),
-        (2, 0, 0, 0),
-    ];
+    let levels = [(0u32, 0u32, 1u32, 1u32), (1, core_bits, n, 2), (2, 0, 0, 0)];
     for (index, shift, count, kind) in levels {
         upsert(
             &mut cpuid,
@@ -205,7 +197,11 @@ pub fn vcpu_cpuid(
             }
         }
         // Without XSAVE, the XSAVE state leaf must not advertise anything.
-        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 0xd) {
+        for e in cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .filter(|e| e.function == 0xd)
+        {
             e.eax = 0;
             e.ebx = 0;
             e.ecx = 0;
@@ -297,11 +293,19 @@ mod tests {
         };
         let c = vcpu_cpuid(&supported(), 1, cfg).unwrap();
         let l1 = get(&c, 1, 0);
-        for bit in [LEAF1_ECX_XSAVE, LEAF1_ECX_POPCNT, LEAF1_ECX_CX16, LEAF1_ECX_AVX] {
+        for bit in [
+            LEAF1_ECX_XSAVE,
+            LEAF1_ECX_POPCNT,
+            LEAF1_ECX_CX16,
+            LEAF1_ECX_AVX,
+        ] {
             assert_eq!(l1.ecx & bit, 0);
         }
         let l7 = get(&c, 7, 0);
-        assert_eq!(l7.ebx & (LEAF7_EBX_BMI1 | LEAF7_EBX_BMI2 | LEAF7_EBX_ERMS), 0);
+        assert_eq!(
+            l7.ebx & (LEAF7_EBX_BMI1 | LEAF7_EBX_BMI2 | LEAF7_EBX_ERMS),
+            0
+        );
         assert_eq!(l7.edx & LEAF7_EDX_FSRM, 0);
         assert_eq!(get(&c, 0x8000_0001, 0).edx & EXT1_EDX_RDTSCP, 0);
         assert_eq!(get(&c, 0xd, 0).eax, 0);

@@ -35,9 +35,17 @@ fn set_reg(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), LapicError> {
     let mut lapic = vcpu.get_lapic().map_err(LapicError::Get)?;
     let lvt0 = get_reg(&lapic.regs, APIC_LVT0);
-    set_reg(&mut lapic.regs, APIC_LVT0, set_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_reg(
+        &mut lapic.regs,
+        APIC_LVT0,
+        set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_reg(&lapic.regs, APIC_LVT1);
-    set_reg(&mut lapic.regs, APIC_LVT1, set_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_reg(
+        &mut lapic.regs,
+        APIC_LVT1,
+        set_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&lapic).map_err(LapicError::Set)
 }
 

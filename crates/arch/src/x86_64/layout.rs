@@ -156,10 +156,7 @@ mod tests {
     fn ram_past_the_hole_moves_above_4g() {
         assert_eq!(
             ram_regions(6 * GIB),
-            vec![
-                (GuestAddress(0), 3 * GIB),
-                (GuestAddress(4 * GIB), 3 * GIB)
-            ]
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 3 * GIB)]
         );
         let e = e820_entries(6 * GIB);
         assert_eq!(e.last().unwrap().addr, 4 * GIB);
@@ -205,6 +202,8 @@ mod tests {
             }
         }
         assert!(PVH_MEMMAP_START.0 + 16 * 24 <= PVH_INFO_START.0 + 0x1000);
-        assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
+        assert!(
+            BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000
+        );
     }
 }

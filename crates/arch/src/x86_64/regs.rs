@@ -4,7 +4,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{BOOT_STACK_POINTER, GDT_START, PD_START, PDPT_START, PML4_START};
+use super::layout::{BOOT_STACK_POINTER, GDT_START, PDPT_START, PD_START, PML4_START};
 
 /// Errors while setting up boot registers.
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +201,6 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_fpu(&fpu).map_err(RegsError::SetFpu)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +209,10 @@ mod tests {
     fn gdt_entries_decode_to_flat_segments() {
         let gdt = boot_gdt(true);
         let cs = segment_from_gdt(gdt[1], 1);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.present), (0, 0xffff_ffff, 1, 0, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.present),
+            (0, 0xffff_ffff, 1, 0, 1)
+        );
         assert_eq!(cs.selector, 8);
         let cs32 = segment_from_gdt(boot_gdt(false)[1], 1);
         assert_eq!((cs32.l, cs32.db, cs32.type_), (0, 1, 0xb));

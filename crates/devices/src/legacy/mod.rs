@@ -6,7 +6,7 @@ mod debug_exit;
 mod i8042;
 mod serial;
 
-pub use acpi_pm::{AcpiPmDevice, ACPI_RESET_VALUE, ACPI_SLP_EN, ACPI_S5_SLP_TYP};
+pub use acpi_pm::{AcpiPmDevice, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_SLP_EN};
 pub use debug_exit::DebugExitDevice;
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, Serial};

@@ -1,0 +1,205 @@
+//! Bad host input gets one line naming the problem and exit status 1 — never a panic.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Runs vireo and returns (exit code, stderr).
+fn vireo(args: &[&str]) -> (Option<i32>, String) {
+    let run = spawn_cmd(Command::new(vireo_bin()).args(args).stdin(Stdio::null()))
+        .finish(Duration::from_secs(30));
+    (run.code, run.stderr)
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, stderr) = vireo(args);
+    assert_eq!(code, Some(1), "{args:?}: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "{args:?}: expected '{needle}' in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn missing_or_non_kernel_files() {
+    let dir = scratch("bad-kernel");
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    assert_one_line_error(&["--kernel", "/nonexistent/vmlinux"], "No such file");
+    assert_one_line_error(&["--kernel", junk.to_str().unwrap()], "neither an ELF");
+    assert_one_line_error(&["--kernel", empty.to_str().unwrap()], "neither an ELF");
+    assert_one_line_error(&["--kernel", dir.to_str().unwrap()], "not a regular file");
+    assert_one_line_error(&[], "--kernel is required");
+}
+
+#[test]
+fn bad_sizes_and_counts() {
+    let elf = probe_elf();
+    let k = elf.to_str().unwrap();
+    assert_one_line_error(&["--kernel", k, "--memory", "size=0"], "too small");
+    assert_one_line_error(
+        &["--kernel", k, "--memory", "size=64T"],
+        "larger than this host",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--memory", "size=lots"],
+        "not a valid size",
+    );
+    assert_one_line_error(&["--kernel", k, "--cpus", "boot=0"], "between 1 and 254");
+    assert_one_line_error(&["--kernel", k, "--cpus", "boot=255"], "between 1 and 254");
+    assert_one_line_error(&["--kernel", k, "--cpus", "boot=1000"], "1000");
+    assert_one_line_error(&["--kernel", k, "--serial", "pty"], "--serial");
+    assert_one_line_error(&["--kernel", k, "--bogus"], "--bogus");
+}
+
+#[test]
+fn initramfs_that_does_not_fit() {
+    let dir = scratch("big-initrd");
+    let big = dir.join("big.img");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(200 << 20).unwrap(); // sparse: costs no disk
+    let elf = probe_elf();
+    assert_one_line_error(
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initramfs",
+            big.to_str().unwrap(),
+            "--memory",
+            "size=128M",
+        ],
+        "does not fit",
+    );
+    assert_one_line_error(
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initramfs",
+            "/nonexistent.img",
+        ],
+        "initramfs /nonexistent.img",
+    );
+}
+
+#[test]
+fn config_file_errors() {
+    let dir = scratch("config");
+    let bad = dir.join("vm.json");
+    std::fs::write(&bad, r#"{"kernel": "k", "cpus": {"boot": "two"}}"#).unwrap();
+    assert_one_line_error(&["--config", bad.to_str().unwrap()], "--config");
+    assert_one_line_error(&["--config", "/nonexistent.json"], "No such file");
+}
+
+#[test]
+fn config_file_boots_the_same_guest() {
+    if !kvm_available("config_file_boots_the_same_guest") {
+        return;
+    }
+    let dir = scratch("config-ok");
+    let cfg = dir.join("vm.json");
+    let json = format!(
+        r#"{{"kernel": "{}", "cmdline": "probe.mode=boot", "cpus": {{"boot": 2}}, "memory": {{"size": "256M"}}, "serial": "tty"}}"#,
+        probe_elf().display()
+    );
+    std::fs::write(&cfg, json).unwrap();
+    let run = spawn(&["--config", cfg.to_str().unwrap()]).finish(PROBE_TIMEOUT);
+    run.assert_probe_ok();
+    assert_eq!(run.field("probe: cpus", "running").as_deref(), Some("2"));
+    assert_eq!(
+        run.field("probe: memory", "ram"),
+        Some(arch::layout::usable_ram(256 << 20).to_string())
+    );
+}
+
+#[test]
+fn serial_file_receives_the_console() {
+    if !kvm_available("serial_file_receives_the_console") {
+        return;
+    }
+    let dir = scratch("serial-file");
+    let out = dir.join("console.log");
+    let elf = probe_elf();
+    let run = spawn(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "probe.mode=quick",
+        "--serial",
+        &format!("file={}", out.display()),
+    ])
+    .finish(PROBE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stdout.contains("PROBE-OK"));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("PROBE-OK"), "{text}");
+    assert_one_line_error(
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--serial",
+            "file=/nonexistent/dir/log",
+        ],
+        "--serial file=/nonexistent/dir/log",
+    );
+}
+
+/// Runs vireo as an unprivileged user (no access to the root-only /dev/kvm), and in a
+/// mount namespace where /dev has no kvm node at all.
+#[test]
+fn no_kvm_device_or_no_permission() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("!!!!!!!! SKIPPED no_kvm_device_or_no_permission: needs root to drop privileges !!!!!!!!");
+        return;
+    }
+    let elf = probe_elf();
+    // The kernel must be readable by the unprivileged user.
+    let dir = scratch("nokvm");
+    let k = dir.join("probe.elf");
+    std::fs::copy(&elf, &k).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ks = k.to_str().unwrap();
+    let (code, stderr) = vireo_via(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vireo_bin(),
+            "--kernel",
+            ks,
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/dev/kvm") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} --kernel {ks}",
+        vireo_bin()
+    );
+    let (code, stderr) = vireo_via("unshare", &["--mount", "sh", "-c", &script]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/dev/kvm") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+}
+
+fn vireo_via(tool: &str, args: &[&str]) -> (Option<i32>, String) {
+    let run = spawn_cmd(Command::new(tool).args(args).stdin(Stdio::null()))
+        .finish(Duration::from_secs(30));
+    (run.code, run.stderr)
+}
