@@ -193,7 +193,8 @@ pub fn walk(verbose: bool) -> Result<Acpi, &'static str> {
         ..Acpi::default()
     };
     let mut off = 36;
-    while off + width <= entries.len() {
+    // At most 256 entries: a garbage length must not turn into millions of lines.
+    while off + width <= entries.len().min(36 + 256 * width) {
         let a = le(entries, off, width);
         off += width;
         let Some((sig, len)) = w.table(a) else {
@@ -229,7 +230,7 @@ pub fn walk(verbose: bool) -> Result<Acpi, &'static str> {
     Ok(acpi)
 }
 
-pub const MAX_MADT_CPUS: usize = 64;
+pub const MAX_MADT_CPUS: usize = 256;
 
 pub struct Madt {
     pub lapic: u64,

@@ -17,13 +17,13 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use acpi::Write;
 use phys::{cpuid, rdtsc, Global};
-use serial::{inb, outb, outw, Dec, Hex, Hex16, Text, COM1, COM1_LSR};
+use serial::{inb, outb, outw, Dec, Emit, Hex, Hex16, Text, COM1, COM1_LSR};
 use smp::CpuRec;
 
 core::arch::global_asm!(
     include_str!("asm/entry.s"),
     bsp_stack = const 64 * 1024,
-    ap_stack = const 16 * 1024,
+    ap_stack = const smp::AP_STACK,
     max_aps = const smp::MAX_APS,
     options(att_syntax)
 );
@@ -211,14 +211,14 @@ fn report(boot: &bootinfo::BootInfo) {
     }
     let madt = acpi::madt(&acpi);
     if let Some(m) = &madt {
-        serial::Emit::emit(&"probe: madt cpus=");
-        serial::Emit::emit(&Dec(m.n as u64));
-        serial::Emit::emit(&" apic_ids=");
+        "probe: madt cpus=".emit();
+        Dec(m.n as u64).emit();
+        " apic_ids=".emit();
         for (i, id) in m.ids[..m.n].iter().enumerate() {
             if i > 0 {
                 outb(COM1, b',');
             }
-            serial::Emit::emit(&Dec(*id as u64));
+            Dec(*id as u64).emit();
         }
         say!(" ioapics=", Dec(m.ioapics), " overrides=", Dec(m.overrides));
     } else if acpi.rsdp != 0 {
@@ -230,66 +230,57 @@ fn report(boot: &bootinfo::BootInfo) {
 }
 
 fn cpu_line(index: usize, r: &CpuRec) {
-    serial::Emit::emit(&"probe: cpu index=");
-    serial::Emit::emit(&Dec(index as u64));
-    serial::Emit::emit(&" apic_id=");
-    serial::Emit::emit(&Dec(r.apic_id() as u64));
-    serial::Emit::emit(&" x2apic_id=");
+    "probe: cpu index=".emit();
+    Dec(index as u64).emit();
+    " apic_id=".emit();
+    Dec(r.apic_id() as u64).emit();
+    " x2apic_id=".emit();
     match r.x2apic_id() {
-        Some(id) => serial::Emit::emit(&Dec(id as u64)),
-        None => serial::Emit::emit(&"none"),
+        Some(id) => Dec(id as u64).emit(),
+        None => "none".emit(),
     }
-    serial::Emit::emit(&" leaf1_logical=");
-    serial::Emit::emit(&Dec((r.leaf1_ebx >> 16 & 0xff) as u64));
+    " leaf1_logical=".emit();
+    Dec((r.leaf1_ebx >> 16 & 0xff) as u64).emit();
     for (k, name) in [" leafb_smt=", " leafb_core="].iter().enumerate() {
-        serial::Emit::emit(name);
+        name.emit();
         match r.leafb {
             Some(b) => {
-                serial::Emit::emit(&Dec((b[k][0] & 0x1f) as u64));
+                Dec((b[k][0] & 0x1f) as u64).emit();
                 outb(COM1, b'/');
-                serial::Emit::emit(&Dec((b[k][1] & 0xffff) as u64));
+                Dec((b[k][1] & 0xffff) as u64).emit();
             }
-            None => serial::Emit::emit(&"none"),
+            None => "none".emit(),
         }
     }
     say!();
 }
 
+/// One line per running CPU (the BSP, then the APs in MADT order), then the summary:
+/// APIC ids distinct, and the running CPUs exactly the MADT's enabled ones.
 fn cpus(madt: Option<&acpi::Madt>) {
     let bsp = CpuRec::read();
-    let started = match madt {
-        Some(m) => smp::start_aps(m, bsp.apic_id()),
-        None => 0,
-    };
-    let mut recs = [CpuRec::default(); smp::MAX_APS + 1];
-    recs[0] = bsp;
-    for (i, r) in recs[1..=started].iter_mut().enumerate() {
-        *r = smp::ap_record(i);
+    let started = madt.map_or(0, |m| smp::start_aps(m, bsp.apic_id()));
+    let ids = madt.map_or(&[][..], |m| &m.ids[..m.n]);
+    let mut seen = [0u64; 4];
+    let (mut distinct, mut in_madt) = (true, madt.is_some());
+    for i in 0..=started {
+        let r = if i == 0 { bsp } else { smp::ap_record(i - 1) };
+        cpu_line(i, &r);
+        let id = r.apic_id();
+        let bit = 1u64 << (id % 64);
+        distinct &= seen[id as usize / 64] & bit == 0;
+        seen[id as usize / 64] |= bit;
+        // The x2APIC id stands in where an 8-bit xAPIC id cannot hold the MADT's.
+        in_madt &= ids.contains(&id) || r.x2apic_id().is_some_and(|x| ids.contains(&x));
     }
-    let recs = &recs[..=started];
-    for (i, r) in recs.iter().enumerate() {
-        cpu_line(i, r);
-    }
-    let distinct = recs
-        .iter()
-        .enumerate()
-        .all(|(i, a)| recs[..i].iter().all(|b| b.apic_id() != a.apic_id()));
-    // Every running CPU's APIC id (x2APIC id where the xAPIC one cannot hold it) is in the MADT,
-    // and the MADT lists no more CPUs than run.
-    let matched = madt.is_some_and(|m| {
-        let ids = &m.ids[..m.n];
-        m.n == recs.len()
-            && recs.iter().all(|r| {
-                ids.contains(&r.apic_id()) || r.x2apic_id().is_some_and(|x| ids.contains(&x))
-            })
-    });
+    let matched = distinct && in_madt && ids.len() == started + 1;
     say!(
         "probe: cpus running=",
-        Dec(recs.len() as u64),
+        Dec(started as u64 + 1),
         " apic_ids=",
         if distinct { "distinct" } else { "duplicate" },
         " madt_match=",
-        if distinct && matched { "yes" } else { "no" }
+        if matched { "yes" } else { "no" }
     );
 }
 
@@ -314,13 +305,13 @@ fn cpuid_line() {
     }
     // Trailing NULs are padding ("KVMKVMKVM\0\0\0").
     let vlen = vendor.iter().rposition(|&c| c != 0).map_or(0, |p| p + 1);
-    serial::Emit::emit(&"probe: cpuid hypervisor=");
-    serial::Emit::emit(&bit(l1[2], 31));
-    serial::Emit::emit(&" vendor=");
+    "probe: cpuid hypervisor=".emit();
+    bit(l1[2], 31).emit();
+    " vendor=".emit();
     if vlen == 0 {
-        serial::Emit::emit(&"none");
+        "none".emit();
     } else {
-        serial::Emit::emit(&Text(&vendor[..vlen]));
+        Text(&vendor[..vlen]).emit();
     }
     say!(
         " xsave=",

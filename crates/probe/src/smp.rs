@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::acpi::Madt;
 use crate::phys::{self, cpuid, rdmsr, rdtsc, wrmsr};
 
-pub const MAX_APS: usize = 15;
+pub const MAX_APS: usize = 63;
+pub const AP_STACK: usize = 8 * 1024;
 /// Where the real-mode trampoline runs: SIPI vector 0x08.
 const TRAMPOLINE: u64 = 0x8000;
 /// TSC ticks: at least 1 GHz on every host, so 3e9 is a few seconds at most.
@@ -50,6 +51,8 @@ struct Slot {
     has_leafb: AtomicU32,
 }
 
+/// Not zeroed at boot (each AP writes its whole slot before checking in).
+#[link_section = ".noinit.slots"]
 static SLOTS: [Slot; MAX_APS] = [const {
     Slot {
         leaf1_ebx: AtomicU32::new(0),
@@ -64,12 +67,12 @@ extern "C" fn ap_main(ordinal: u32) -> ! {
     let rec = CpuRec::read();
     if let Some(s) = SLOTS.get(ordinal as usize) {
         s.leaf1_ebx.store(rec.leaf1_ebx, Ordering::Relaxed);
-        if let Some(b) = rec.leafb {
-            for (k, v) in b.iter().flatten().enumerate() {
-                s.leafb[k].store(*v, Ordering::Relaxed);
-            }
-            s.has_leafb.store(1, Ordering::Relaxed);
+        let b = rec.leafb.unwrap_or_default();
+        for (k, v) in b.iter().flatten().enumerate() {
+            s.leafb[k].store(*v, Ordering::Relaxed);
         }
+        s.has_leafb
+            .store(rec.leafb.is_some() as u32, Ordering::Relaxed);
         CHECKINS.fetch_add(1, Ordering::Release);
     }
     phys::halt()

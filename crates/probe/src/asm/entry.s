@@ -96,8 +96,9 @@ bsp64:                                  /* edi = protocol, rsi = boot structure 
     leaq __bss_start(%rip), %rdi        /* the Linux protocol leaves .bss to the kernel */
     leaq __bss_end(%rip), %rcx
     subq %rdi, %rcx
+    shrq $3, %rcx                       /* 16-byte aligned (link.ld); each rep step is emulated */
     xorl %eax, %eax
-    rep stosb
+    rep stosq
     movl %r13d, %edi
     movq %r12, %rsi
     call probe_main
