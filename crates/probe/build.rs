@@ -5,6 +5,7 @@ fn main() {
     println!("cargo:rerun-if-changed=link.ld");
     println!("cargo:rerun-if-changed=src/asm/entry.s");
     println!("cargo:rerun-if-changed=src/asm/setup.s");
+    println!("cargo:rerun-if-changed=src/asm/fault.s");
     for arg in [
         "-nostartfiles",
         "-nostdlib",

@@ -45,42 +45,57 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
         }
         (first, seen)
     });
-    // wait4 gives the exit time and the child's peak RSS in one call; a watchdog kills
-    // the process group if the guest hangs.
-    let watchdog = std::thread::spawn(move || {
+    // A sampler reads the VMM's own high-water RSS (VmHWM) until its memory is gone, and
+    // kills the process group if the guest hangs. (wait4's ru_maxrss is no use here: it
+    // counts the forking parent's RSS from before exec.)
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler_done = done.clone();
+    let sampler = std::thread::spawn(move || {
         let deadline = Instant::now() + RUN_TIMEOUT;
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            // SAFETY: signal 0 only checks that the process exists.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return;
+        let status = format!("/proc/{pid}/status");
+        let mut peak = 0u64;
+        while !sampler_done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(text) = std::fs::read_to_string(&status) {
+                if let Some(kib) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak = peak.max(kib);
+                }
             }
+            if Instant::now() > deadline {
+                // SAFETY: killing the process group we created.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: killing the process group we created.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
+        peak
     });
     let mut status = 0;
-    // SAFETY: rusage is plain data filled by wait4 for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child with valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    // SAFETY: waiting for our own child with a valid out-pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
     let exit = start.elapsed();
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (first, marks) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
-    let _ = watchdog.join();
+    let peak_rss_kib = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
     if exit >= RUN_TIMEOUT {
         bail!("{cmd:?} timed out");
     }
     Ok(Sample {
         first_line: first.context("the guest printed nothing")?,
         exit,
-        peak_rss_kib: usage.ru_maxrss as u64,
+        peak_rss_kib,
         marks,
     })
 }

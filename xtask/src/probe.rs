@@ -291,7 +291,7 @@ impl<'a> Elf<'a> {
 /// Disassembles every code section in the mode it runs in and rejects what this host's KVM
 /// instruction emulator cannot run (or that is off limits for a guest on a PVM host): x87,
 /// MMX, SSE, AVX, and the instructions of CPUID features a PVM VMM hides. `int3` is accepted
-/// only as padding after the end of a function.
+/// only as padding after the end of a function, and where `DELIBERATE` names it.
 fn check_instructions(elf: &Path) -> Result<usize> {
     let runs: [(&str, &str, Option<u64>); 4] = [
         (".text32", "i386", None),
@@ -371,6 +371,12 @@ const DENIED: &[&str] = &[
     "clwb",
     "(bad)",
 ];
+/// Rejected instructions the probe executes on purpose, each allowed only under one symbol:
+/// (symbol, instruction as objdump prints it). `fault_emulation_insn` (crates/probe/src/asm/
+/// fault.s) is `probe.mode=fault-emulation`: its `int3` must make KVM's emulator fail, so that a
+/// VMM's handling of KVM_EXIT_INTERNAL_ERROR can be tested. Everywhere else these stay denied.
+const DELIBERATE: &[(&str, &str)] = &[("fault_emulation_insn", "int3")];
+
 const DENIED_REGS: &[&str] = &[
     "%xmm", "%ymm", "%zmm", "%st", "%mm", "%k0", "%k1", "%k2", "%k3", "%k4", "%k5", "%k6", "%k7",
 ];
@@ -415,6 +421,9 @@ fn scan_disassembly(text: &str) -> (usize, Vec<String>) {
         }
         let insn = insn.trim();
         seen += 1;
+        if DELIBERATE.contains(&(symbol.as_str(), insn)) {
+            continue;
+        }
         if insn == "int3" {
             pending_int3.push(format!("{} in {symbol}: int3", addr.trim()));
             continue;
@@ -448,5 +457,13 @@ mod tests {
         let bad = "0000000000100000 <f>:\n  100000:\tint3\n  100001:\tret\n  100002:\tpopcnt %eax,%eax\n  \
                    100005:\tmovaps %xmm0,(%rsp)\n  100009:\tfldz\n  10000b:\tlock cmpxchg16b (%rdi)\n";
         assert_eq!(scan_disassembly(bad).1.len(), 5);
+        // The deliberate int3 is allowed under its own symbol only, and nothing else is.
+        let fault = "0000000000100000 <fault_emulation_insn>:\n  100000:\tint3\n  \
+                     100001:\tjmp    100010 <halt_forever>\n  100003:\tlock cmpxchg16b (%rdi)\n\n\
+                     0000000000100010 <fault_emulation>:\n  100010:\tint3\n  100011:\tret\n";
+        let found = scan_disassembly(fault).1;
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].ends_with("in fault_emulation_insn: lock cmpxchg16b (%rdi)"));
+        assert!(found[1].ends_with("in fault_emulation: int3"));
     }
 }

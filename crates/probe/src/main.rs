@@ -28,6 +28,14 @@ core::arch::global_asm!(
     options(att_syntax)
 );
 core::arch::global_asm!(include_str!("asm/setup.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("asm/fault.s"), options(att_syntax));
+
+extern "C" {
+    /// asm/fault.s: executes an instruction KVM's emulator rejects (KVM_EXIT_INTERNAL_ERROR).
+    fn fault_emulation_insn() -> !;
+    /// asm/fault.s: loads a zero-limit IDT and divides by zero (triple fault, KVM_EXIT_SHUTDOWN).
+    fn fault_triple() -> !;
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -35,6 +43,8 @@ enum Mode {
     Quick,
     Echo,
     Pio,
+    FaultEmulation,
+    FaultTriple,
 }
 
 #[derive(Clone, Copy)]
@@ -79,6 +89,8 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"quick" => Mode::Quick,
                 b"echo" => Mode::Echo,
                 b"pio" => Mode::Pio,
+                b"fault-emulation" => Mode::FaultEmulation,
+                b"fault-triple" => Mode::FaultTriple,
                 _ => Mode::Boot,
             };
         } else if let Some(v) = w.strip_prefix(b"probe.exit=") {
@@ -142,6 +154,16 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::Boot => report(boot),
         Mode::Echo => echo(),
         Mode::Pio => pio(o.count),
+        Mode::FaultEmulation => {
+            say!("probe: fault emulation");
+            // SAFETY: ends the VM; never returns.
+            unsafe { fault_emulation_insn() }
+        }
+        Mode::FaultTriple => {
+            say!("probe: fault triple");
+            // SAFETY: ends the VM; never returns.
+            unsafe { fault_triple() }
+        }
     }
     let w = exit_write(o.exit);
     say!("PROBE-OK");

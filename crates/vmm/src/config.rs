@@ -50,7 +50,7 @@ impl VmConfig {
         if self.memory_size < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(self.memory_size));
         }
-        if self.memory_size % 4096 != 0 {
+        if !self.memory_size.is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned(self.memory_size));
         }
         let host = host_ram();

@@ -1,6 +1,8 @@
 //! The memory manager: guest RAM per the arch layout, its KVM memory slots, and the
 //! allocators that hand out MMIO space and interrupt lines to devices.
 
+use std::sync::Arc;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator, RangeInclusive};
@@ -33,11 +35,40 @@ pub enum MemoryError {
         size: u64,
         source: vm_allocator::Error,
     },
+    #[error("cannot start the memory-slot thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the memory-slot thread panicked")]
+    ThreadPanicked,
     #[error("no interrupt line left: {0}")]
     GsiExhausted(vm_allocator::Error),
 }
 
 type Result<T> = std::result::Result<T, MemoryError>;
+
+/// Memory slots being registered with KVM; see [`MemoryManager::register_with`].
+pub struct PendingRegistration<'a> {
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
+    _memory: std::marker::PhantomData<&'a MemoryManager>,
+}
+
+impl PendingRegistration<'_> {
+    /// Waits until KVM has every slot.
+    pub fn wait(mut self) -> Result<()> {
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(MemoryError::ThreadPanicked),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PendingRegistration<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
 
 pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
@@ -77,36 +108,60 @@ impl MemoryManager {
         })
     }
 
-    /// Hands every RAM region to KVM as one memory slot.
-    pub fn register_with(&self, vm: &VmFd) -> Result<()> {
-        for (slot, region) in self.guest_memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| MemoryError::SetUserMemoryRegion {
+    /// The KVM memory slot of every RAM region.
+    fn slots(&self) -> Result<Vec<kvm_userspace_memory_region>> {
+        self.guest_memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .map_err(|_| MemoryError::SetUserMemoryRegion {
+                        slot: slot as u32,
+                        addr: region.start_addr().0,
+                        size: region.len(),
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+                Ok(kvm_userspace_memory_region {
                     slot: slot as u32,
-                    addr: region.start_addr().0,
-                    size: region.len(),
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `self.guest_memory`, which
-            // outlives the VM (the Vm holds the MemoryManager until its fd is closed).
-            unsafe { vm.set_user_memory_region(mr) }.map_err(|source| {
-                MemoryError::SetUserMemoryRegion {
-                    slot: slot as u32,
-                    addr: mr.guest_phys_addr,
-                    size: mr.memory_size,
-                    source,
+                    guest_phys_addr: region.start_addr().0,
+                    memory_size: region.len(),
+                    userspace_addr: host as u64,
+                    flags: 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands every RAM region to KVM as one memory slot, on a helper thread: creating a
+    /// slot waits for an SRCU grace period in KVM (3–10 ms measured on PVM hosts), which
+    /// then overlaps loading the kernel and configuring the vCPUs. Wait on the result before
+    /// running any vCPU; the borrow keeps the mappings alive until then.
+    pub fn register_with(&self, vm: Arc<VmFd>) -> Result<PendingRegistration<'_>> {
+        let slots = self.slots()?;
+        let handle = std::thread::Builder::new()
+            .name("memslots".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                for mr in slots {
+                    // SAFETY: each region is a live mapping owned by the MemoryManager, which
+                    // the PendingRegistration borrows and the Vm keeps until its fd is closed.
+                    unsafe { vm.set_user_memory_region(mr) }.map_err(|source| {
+                        MemoryError::SetUserMemoryRegion {
+                            slot: mr.slot,
+                            addr: mr.guest_phys_addr,
+                            size: mr.memory_size,
+                            source,
+                        }
+                    })?;
                 }
-            })?;
-        }
-        Ok(())
+                Ok(())
+            })
+            .map_err(MemoryError::Thread)?;
+        Ok(PendingRegistration {
+            handle: Some(handle),
+            _memory: std::marker::PhantomData,
+        })
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

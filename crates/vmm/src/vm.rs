@@ -157,6 +157,43 @@ fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
+/// KVM_REINJECT_CONTROL's argument (include/uapi/linux/kvm.h).
+#[repr(C)]
+struct KvmReinjectControl {
+    pit_reinject: u8,
+    reserved: [u8; 31],
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// Turns off the in-kernel PIT's lost-tick reinjection (guests keep time with the TSC and
+/// kvm-clock). Besides being what modern guests want, it takes the PIT's IRQ-ack notifier
+/// off the teardown path: unregistering it waits for an SRCU grace period (~15 ms measured
+/// on PVM hosts), which then overlaps the guest's boot instead of delaying the VMM's exit.
+fn disable_pit_reinjection(vm: Arc<VmFd>) {
+    let spawned = std::thread::Builder::new()
+        .name("pit-reinject".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let arg = KvmReinjectControl {
+                pit_reinject: 0,
+                reserved: [0; 31],
+            };
+            // SAFETY: KVM_REINJECT_CONTROL reads a kvm_reinject_control we own for the call.
+            let r =
+                unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&*vm, KVM_REINJECT_CONTROL(), &arg) };
+            if r != 0 {
+                tracing::debug!(
+                    "KVM_REINJECT_CONTROL failed: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!("cannot start the PIT reinjection thread: {e}");
+    }
+}
+
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     let setup = |what: &'static str| move |source| VmError::VmSetup { what, source };
@@ -175,6 +212,8 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 
 /// Builds the VM described by `config`, runs it, and returns the exit status.
 pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
+    let t0 = Instant::now();
+    let phase = |name: &str| tracing::debug!("startup: {name} at {} us", t0.elapsed().as_micros());
     config.validate()?;
     let signals = Signals::block()?;
     vcpu::install_kick_handler()?;
@@ -186,9 +225,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     };
 
     let kvm = open_kvm()?;
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
+    disable_pit_reinjection(vm.clone());
+    phase("VM created");
     let memory = MemoryManager::new(config.memory_size)?;
-    memory.register_with(&vm)?;
+    let slots = memory.register_with(vm.clone())?;
     let mem = memory.guest_memory();
 
     let exit = ExitHandle::new().map_err(|source| DeviceError::EventFd {
@@ -247,6 +288,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         config.memory_size >> 20
     );
 
+    phase("boot structures written");
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::SupportedCpuid)?;
@@ -262,6 +304,9 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         bsp.setup_boot_registers(mem, entry)?;
     }
 
+    phase("vCPUs configured");
+    slots.wait()?;
+    phase("memory registered");
     let serial = devices.serial();
     let (pio, mmio) = devices.into_buses();
     let _raw = if config.serial == SerialConfig::Tty {
@@ -293,13 +338,16 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         }
     }
 
+    phase("vCPUs started");
     let outcome = wait_for_exit(&exit, &signals);
+    phase("guest stopped");
     if !stop_vcpus(&stop, threads) {
         // A vCPU thread is still inside KVM_RUN: its guest memory and VM must outlive it.
         tracing::warn!("a vCPU thread did not stop; leaving it to process exit");
         std::mem::forget(memory);
         std::mem::forget(vm);
     }
+    phase("VM torn down");
     outcome
 }
 

@@ -90,7 +90,7 @@ fn io_register(port: u16) -> GAS {
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIREODSD", OEM_REVISION);
     aml::Scope::new("_SB_".into(), cfg.dsdt_devices.to_vec()).to_aml_bytes(&mut dsdt);
-    let typ = u8::from(cfg.pm.s5_slp_typ);
+    let typ = cfg.pm.s5_slp_typ;
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&typ, &typ, &0u8, &0u8]),

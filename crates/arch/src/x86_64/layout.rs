@@ -61,6 +61,12 @@ pub const GSI_LAST: u32 = 23;
 /// The most memory a VM can have: what 46 physical-address bits allow.
 pub const MAX_MEMORY: u64 = 1 << 46;
 
+// The PVH memory map (16 entries of 24 bytes at most) stays in the start-info page, and the
+// boot stack sits between the zero page and the page tables.
+const _: () = assert!(PVH_MEMMAP_START.0 + 16 * 24 <= PVH_INFO_START.0 + 0x1000);
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
+
 /// The type of an e820 / PVH memory-map entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -201,9 +207,5 @@ mod tests {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} {b:x?}");
             }
         }
-        assert!(PVH_MEMMAP_START.0 + 16 * 24 <= PVH_INFO_START.0 + 0x1000);
-        assert!(
-            BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000
-        );
     }
 }
