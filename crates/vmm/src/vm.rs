@@ -210,6 +210,32 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
+/// The command line the guest gets: the user's, plus on PVM hosts for Linux guests the
+/// options that hide what PVM shows the guest whatever its CPUID says (XSAVE, POPCNT, BMI,
+/// ERMS, FSRM: measured with the probe guest), unless the user already gave them.
+fn guest_cmdline(user: &str, hide_pvm_features: bool) -> String {
+    let user = user.trim();
+    if !hide_pvm_features {
+        return user.to_string();
+    }
+    let missing: Vec<&str> = arch::cpuid::PVM_LINUX_CMDLINE
+        .split_whitespace()
+        .filter(|w| {
+            let key = w.split('=').next().unwrap_or(w);
+            !user
+                .split_whitespace()
+                .any(|u| u.split('=').next() == Some(key))
+        })
+        .collect();
+    if missing.is_empty() {
+        user.to_string()
+    } else if user.is_empty() {
+        missing.join(" ")
+    } else {
+        format!("{user} {}", missing.join(" "))
+    }
+}
+
 /// Builds the VM described by `config`, runs it, and returns the exit status.
 pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let t0 = Instant::now();
@@ -253,20 +279,17 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         _ => None,
     };
     let pvm = arch::host_is_pvm();
-    let mut cmdline = config.cmdline.clone();
     if pvm {
         tracing::info!(
             "host KVM is PVM (software backend): hiding CPUID features its emulator rejects"
         );
-        if kernel.is_linux {
-            // PVM shows the guest XSAVE, POPCNT, BMI1/2, ERMS and FSRM whatever the vCPU's
-            // CPUID says (measured with the probe guest); Linux can hide them itself.
-            let words = arch::cpuid::PVM_LINUX_CMDLINE;
-            tracing::info!(
-                "PVM does not apply the CPUID mask for XSAVE and POPCNT: adding '{words}' to the Linux command line"
-            );
-            cmdline = format!("{} {words}", cmdline.trim()).trim().to_string();
-        }
+    }
+    let cmdline = guest_cmdline(&config.cmdline, pvm && kernel.is_linux);
+    if cmdline != config.cmdline.trim() {
+        tracing::info!(
+            "PVM does not apply the CPUID mask for XSAVE and POPCNT: adding '{}' to the Linux command line",
+            arch::cpuid::PVM_LINUX_CMDLINE
+        );
     }
     let cmdline_len = write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
     let dsdt_devices = devices.dsdt_devices();
@@ -415,4 +438,28 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) -> bool {
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_is_the_users_unless_pvm_features_must_be_hidden() {
+        assert_eq!(guest_cmdline("  console=ttyS0 ", false), "console=ttyS0");
+        assert_eq!(
+            guest_cmdline("console=ttyS0", true),
+            format!("console=ttyS0 {}", arch::cpuid::PVM_LINUX_CMDLINE)
+        );
+        assert_eq!(guest_cmdline("", true), arch::cpuid::PVM_LINUX_CMDLINE);
+        // The user's own choice of an option wins.
+        assert_eq!(
+            guest_cmdline("noxsave clearcpuid=pcid", true),
+            "noxsave clearcpuid=pcid"
+        );
+        assert_eq!(
+            guest_cmdline("clearcpuid=pcid", true),
+            "clearcpuid=pcid noxsave"
+        );
+    }
 }
