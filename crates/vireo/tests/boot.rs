@@ -324,3 +324,40 @@ fn sigterm_and_sigint_end_vireo_with_128_plus_signal() {
         assert_eq!(run.code, Some(code), "signal {sig}: {}", run.stderr);
     }
 }
+
+/// A guest instruction KVM cannot emulate, and a triple fault, each end the VM with one
+/// line naming the exit (suberror and guest RIP for the internal error) and status 1.
+#[test]
+fn fatal_guest_exits_end_vireo_with_one_line_and_status_1() {
+    if !kvm_available("fatal_guest_exits_end_vireo_with_one_line_and_status_1") {
+        return;
+    }
+    let on_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    for (mode, needle) in [
+        (
+            "fault-triple",
+            "triple fault, KVM_EXIT_SHUTDOWN) at guest RIP 0x",
+        ),
+        (
+            "fault-emulation",
+            "KVM internal error, suberror 1 (instruction emulation failed",
+        ),
+    ] {
+        // Only a software KVM backend refuses the ring-0 int3; hardware KVM delivers #BP.
+        if mode == "fault-emulation" && !on_pvm {
+            continue;
+        }
+        let run = boot_probe(&probe_elf(), &format!("probe.mode={mode}"), &[]);
+        assert!(!run.timed_out, "{mode}: vireo hung\n{}", run.stderr);
+        assert_eq!(run.code, Some(1), "{mode}: {}", run.stderr);
+        let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{mode}: {}", run.stderr);
+        assert!(errors[0].contains(needle), "{mode}: {}", errors[0]);
+        assert!(errors[0].contains("guest RIP 0x"), "{mode}: {}", errors[0]);
+        assert!(
+            run.stdout.contains(&format!("probe: fault {}", &mode[6..])),
+            "{}",
+            run.stdout
+        );
+    }
+}
