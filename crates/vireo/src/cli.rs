@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Deserialize;
-use vmm::{SerialConfig, VmConfig};
+use vmm::{DiskConfig, PlatformConfig, SerialConfig, VmConfig};
 
 /// A user error in the command line or config file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +55,14 @@ pub struct Cli {
     /// Guest console (COM1): tty (stdin/stdout), off, or file=PATH (default tty).
     #[arg(long, value_name = "tty|off|file=PATH")]
     pub serial: Option<String>,
+    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,direct=on][,id=ID];
+    /// repeatable.
+    #[arg(long, value_name = "path=FILE,...")]
+    pub disk: Vec<String>,
+    /// Platform options: virtio_mmio_cmdline=on also lists virtio-mmio devices on the
+    /// kernel command line (they are always in the ACPI DSDT).
+    #[arg(long, value_name = "virtio_mmio_cmdline=on|off")]
+    pub platform: Option<String>,
     /// JSON file with the same settings; options given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -74,6 +82,26 @@ pub struct ConfigFile {
     cpus: Option<CpusFile>,
     memory: Option<MemoryFile>,
     serial: Option<String>,
+    disks: Option<Vec<DiskFile>>,
+    platform: Option<PlatformFile>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct DiskFile {
+    path: PathBuf,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    direct: bool,
+    id: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct PlatformFile {
+    #[serde(default)]
+    virtio_mmio_cmdline: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -179,6 +207,67 @@ pub fn parse_memory(s: &str) -> Result<u64, CliError> {
     Ok(size)
 }
 
+fn on_off(option: &'static str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(CliError::BadValue {
+            option,
+            value: v.to_string(),
+            what: "switch (on or off)",
+        }),
+    }
+}
+
+pub fn parse_disk(s: &str) -> Result<DiskConfig, CliError> {
+    let mut path = None;
+    let (mut readonly, mut direct, mut id) = (false, false, None);
+    for (k, v) in key_values(
+        "--disk",
+        s,
+        &["path", "readonly", "direct", "id"],
+        "path=FILE[,readonly=on][,direct=on][,id=ID]",
+    )? {
+        match k {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "readonly" => readonly = on_off("--disk readonly", v)?,
+            "direct" => direct = on_off("--disk direct", v)?,
+            "id" => id = Some(v.to_string()),
+            _ => {
+                return Err(CliError::BadValue {
+                    option: "--disk",
+                    value: s.to_string(),
+                    what: "disk (path=FILE is required)",
+                })
+            }
+        }
+    }
+    let path = path.ok_or_else(|| CliError::BadValue {
+        option: "--disk",
+        value: s.to_string(),
+        what: "disk (path=FILE is required)",
+    })?;
+    Ok(DiskConfig {
+        path,
+        readonly,
+        direct,
+        id,
+    })
+}
+
+pub fn parse_platform(s: &str) -> Result<PlatformConfig, CliError> {
+    let mut p = PlatformConfig::default();
+    for (_, v) in key_values(
+        "--platform",
+        s,
+        &["virtio_mmio_cmdline"],
+        "virtio_mmio_cmdline=on|off",
+    )? {
+        p.virtio_mmio_cmdline = on_off("--platform virtio_mmio_cmdline", v)?;
+    }
+    Ok(p)
+}
+
 pub fn parse_serial(s: &str) -> Result<SerialConfig, CliError> {
     match s {
         "tty" => Ok(SerialConfig::Tty),
@@ -231,6 +320,30 @@ impl Cli {
             Some(s) => parse_serial(s)?,
             None => SerialConfig::Tty,
         };
+        let disks = if !self.disk.is_empty() {
+            self.disk
+                .iter()
+                .map(|d| parse_disk(d))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            file.disks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| DiskConfig {
+                    path: d.path,
+                    readonly: d.readonly,
+                    direct: d.direct,
+                    id: d.id,
+                })
+                .collect()
+        };
+        let platform = match (&self.platform, &file.platform) {
+            (Some(s), _) => parse_platform(s)?,
+            (None, Some(p)) => PlatformConfig {
+                virtio_mmio_cmdline: p.virtio_mmio_cmdline,
+            },
+            (None, None) => PlatformConfig::default(),
+        };
         Ok(VmConfig {
             kernel,
             initramfs: self.initramfs.or(file.initramfs),
@@ -238,6 +351,8 @@ impl Cli {
             vcpus,
             memory_size,
             serial,
+            disks,
+            platform,
         })
     }
 }
@@ -359,6 +474,45 @@ mod tests {
         .unwrap();
         let c = cli(&["--cpus", "boot=3"]).into_vm_config(Some(f)).unwrap();
         assert_eq!(c.vcpus, 3);
+    }
+
+    #[test]
+    fn disks_and_platform() {
+        let c = cli(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "path=/a.img",
+            "--disk",
+            "path=/b.img,readonly=on,direct=on,id=disk-b",
+            "--platform",
+            "virtio_mmio_cmdline=on",
+        ])
+        .into_vm_config(None)
+        .unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, PathBuf::from("/a.img"));
+        assert!(!c.disks[0].readonly && !c.disks[0].direct && c.disks[0].id.is_none());
+        assert!(c.disks[1].readonly && c.disks[1].direct);
+        assert_eq!(c.disks[1].id.as_deref(), Some("disk-b"));
+        assert!(c.platform.virtio_mmio_cmdline);
+        for bad in [
+            "readonly=on",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none",
+            "",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        assert!(parse_platform("virtio_mmio_cmdline=yes").is_err());
+        let f = parse_config_file(
+            std::path::Path::new("vm.json"),
+            r#"{"kernel": "k", "disks": [{"path": "/a.img", "readonly": true, "id": "x"}],
+                "platform": {"virtio_mmio_cmdline": true}}"#,
+        )
+        .unwrap();
+        let c = Cli::default().into_vm_config(Some(f)).unwrap();
+        assert!(c.disks[0].readonly && c.platform.virtio_mmio_cmdline);
     }
 
     #[test]

@@ -14,6 +14,17 @@ pub enum SerialConfig {
     Off,
 }
 
+/// Platform options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlatformConfig {
+    /// Also announce virtio-mmio devices as `virtio_mmio.device=SIZE@BASE:IRQ` on the kernel
+    /// command line (for kernels with VIRTIO_MMIO_CMDLINE_DEVICES and guests without an ACPI
+    /// DSDT parser). Off by default: a kernel reading both would claim each window twice.
+    pub virtio_mmio_cmdline: bool,
+}
+
+pub use virtio::block::BlockConfig as DiskConfig;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -22,6 +33,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory_size: u64,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
+    pub platform: PlatformConfig,
 }
 
 /// The most vCPUs: APIC IDs are 8-bit in the MADT's LAPIC entries and 255 is broadcast.
@@ -91,6 +104,8 @@ mod tests {
             vcpus: 1,
             memory_size: 512 << 20,
             serial: SerialConfig::Tty,
+            disks: Vec::new(),
+            platform: PlatformConfig::default(),
         }
     }
 

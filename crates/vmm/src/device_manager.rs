@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use virtio::{MmioTransport, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::acpi::AcpiPmPorts;
@@ -15,6 +16,8 @@ use devices::legacy::{AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, A
 use devices::{Bus, BusError, ExitHandle};
 
 use crate::config::SerialConfig;
+use crate::memory::{MemoryError, SystemAllocator};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Errors while creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,19 @@ pub enum DeviceError {
     Irqfd {
         what: &'static str,
         gsi: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot place {what}: {source}")]
+    Resources { what: String, source: MemoryError },
+    #[error("cannot create the virtio-mmio transport of {what}: {source}")]
+    Transport {
+        what: String,
+        source: virtio::MmioError,
+    },
+    #[error("cannot register the ioeventfd of {what} queue {queue}: {source}")]
+    Ioeventfd {
+        what: String,
+        queue: u16,
         source: kvm_ioctls::Error,
     },
     #[error("--serial file={path}: {source}")]
@@ -53,7 +69,14 @@ pub struct DeviceManager {
     mmio_bus: Bus,
     serial: Arc<Mutex<Serial>>,
     dsdt_devices: Vec<DsdtDevice>,
+    /// `virtio_mmio.device=` words for kernels that find devices on the command line.
+    virtio_mmio_cmdline: Vec<String>,
+    virtio_count: usize,
 }
+
+use virtio::transport::mmio::{
+    MMIO_WINDOW_SIZE as VIRTIO_MMIO_WINDOW, QUEUE_NOTIFY_OFFSET as VIRTIO_MMIO_QUEUE_NOTIFY,
+};
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
@@ -133,7 +156,74 @@ impl DeviceManager {
             mmio_bus,
             serial,
             dsdt_devices,
+            virtio_mmio_cmdline: Vec::new(),
+            virtio_count: 0,
         })
+    }
+
+    /// Puts `device` behind a virtio-mmio transport: an MMIO window and an interrupt line
+    /// from the allocators, an irqfd for its interrupt, an ioeventfd per queue on
+    /// QueueNotify (so a notification costs no exit to user space), a DSDT entry
+    /// (`LNRO0005`, as Linux expects) and a command-line entry for kernels that want one.
+    pub fn add_virtio_mmio(
+        &mut self,
+        vm: &VmFd,
+        allocator: &mut SystemAllocator,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        device: Box<dyn VirtioDevice>,
+        what: &str,
+    ) -> Result<(), DeviceError> {
+        let resources = |source| DeviceError::Resources {
+            what: what.to_string(),
+            source,
+        };
+        let window = allocator
+            .allocate_mmio(VIRTIO_MMIO_WINDOW)
+            .map_err(resources)?;
+        let gsi = allocator.allocate_gsi().map_err(resources)?;
+        let base = window.start();
+        let irq = eventfd("virtio-mmio interrupt")?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|source| DeviceError::Irqfd {
+                what: "virtio-mmio device",
+                gsi,
+                source,
+            })?;
+        let transport =
+            MmioTransport::new(device, mem, irq).map_err(|source| DeviceError::Transport {
+                what: what.to_string(),
+                source,
+            })?;
+        for (queue, evt) in transport.queue_notifiers() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
+                u32::from(queue),
+            )
+            .map_err(|source| DeviceError::Ioeventfd {
+                what: what.to_string(),
+                queue,
+                source,
+            })?;
+        }
+        self.mmio_bus.insert(
+            what,
+            Arc::new(Mutex::new(transport)),
+            base,
+            VIRTIO_MMIO_WINDOW,
+        )?;
+        let n = self.virtio_count;
+        self.virtio_count += 1;
+        self.dsdt_devices.push(virtio_mmio_dsdt(n, base, gsi));
+        self.virtio_mmio_cmdline.push(format!(
+            "virtio_mmio.device={}K@{base:#x}:{gsi}",
+            VIRTIO_MMIO_WINDOW >> 10
+        ));
+        Ok(())
+    }
+
+    pub fn virtio_mmio_cmdline(&self) -> &[String] {
+        &self.virtio_mmio_cmdline
     }
 
     /// The ports the FADT announces for reset and sleep.
@@ -160,6 +250,21 @@ impl DeviceManager {
     pub fn into_buses(self) -> (Arc<Bus>, Arc<Bus>) {
         (Arc::new(self.pio_bus), Arc::new(self.mmio_bus))
     }
+}
+
+/// A virtio-mmio window as Linux's ACPI probe expects it (drivers/virtio/virtio_mmio.c
+/// matches `LNRO0005`): the register window and its interrupt.
+fn virtio_mmio_dsdt(n: usize, base: u64, gsi: u32) -> DsdtDevice {
+    let name = format!("VR{n:02X}");
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(n as u32));
+    let mem = aml::Memory32Fixed::new(true, base as u32, VIRTIO_MMIO_WINDOW as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq]));
+    let dev = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+    let mut bytes = Vec::new();
+    dev.to_aml_bytes(&mut bytes);
+    DsdtDevice(bytes)
 }
 
 /// COM1 as a PC BIOS describes it: PNP0501, ports 0x3f8-0x3ff, ISA IRQ 4.

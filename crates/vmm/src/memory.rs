@@ -6,7 +6,9 @@ use std::sync::Arc;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator, RangeInclusive};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use arch::layout;
 
@@ -72,20 +74,19 @@ impl Drop for PendingRegistration<'_> {
 
 pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
+    atomic: GuestMemoryAtomic<GuestMemoryMmap>,
     size: u64,
+}
+
+/// Hands out the guest-physical resources devices need: MMIO windows in the 32-bit hole
+/// and IOAPIC interrupt lines.
+pub struct SystemAllocator {
     mmio: AddressAllocator,
     gsi: IdAllocator,
 }
 
-impl MemoryManager {
-    /// Maps `size` bytes of guest RAM (anonymous, lazily backed) laid out around the hole.
-    pub fn new(size: u64) -> Result<Self> {
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-            .into_iter()
-            .map(|(a, s)| (a, s as usize))
-            .collect();
-        let guest_memory = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|source| MemoryError::Mmap { size, source })?;
+impl SystemAllocator {
+    pub fn new() -> Result<Self> {
         let mmio = AddressAllocator::new(
             layout::MMIO_32BIT_START,
             layout::IOAPIC_START - layout::MMIO_32BIT_START,
@@ -100,11 +101,35 @@ impl MemoryManager {
                 source,
             }
         })?;
+        Ok(Self { mmio, gsi })
+    }
+
+    /// A naturally aligned MMIO window in the 32-bit hole.
+    pub fn allocate_mmio(&mut self, size: u64) -> Result<RangeInclusive> {
+        self.mmio
+            .allocate(size, size, AllocPolicy::FirstMatch)
+            .map_err(|source| MemoryError::MmioExhausted { size, source })
+    }
+
+    /// A free IOAPIC interrupt line.
+    pub fn allocate_gsi(&mut self) -> Result<u32> {
+        self.gsi.allocate_id().map_err(MemoryError::GsiExhausted)
+    }
+}
+
+impl MemoryManager {
+    /// Maps `size` bytes of guest RAM (anonymous, lazily backed) laid out around the hole.
+    pub fn new(size: u64) -> Result<Self> {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+            .into_iter()
+            .map(|(a, s)| (a, s as usize))
+            .collect();
+        let guest_memory = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|source| MemoryError::Mmap { size, source })?;
         Ok(Self {
+            atomic: GuestMemoryAtomic::new(guest_memory.clone()),
             guest_memory,
             size,
-            mmio,
-            gsi,
         })
     }
 
@@ -168,20 +193,14 @@ impl MemoryManager {
         &self.guest_memory
     }
 
+    /// The view devices hold: clones share it, so a later change of the memory map reaches
+    /// every device.
+    pub fn guest_memory_atomic(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
+        self.atomic.clone()
+    }
+
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// A naturally aligned MMIO window in the 32-bit hole.
-    pub fn allocate_mmio(&mut self, size: u64) -> Result<RangeInclusive> {
-        self.mmio
-            .allocate(size, size, AllocPolicy::FirstMatch)
-            .map_err(|source| MemoryError::MmioExhausted { size, source })
-    }
-
-    /// A free IOAPIC interrupt line.
-    pub fn allocate_gsi(&mut self) -> Result<u32> {
-        self.gsi.allocate_id().map_err(MemoryError::GsiExhausted)
     }
 }
 
@@ -202,7 +221,7 @@ mod tests {
 
     #[test]
     fn mmio_windows_are_disjoint_aligned_and_in_the_hole() {
-        let mut mm = MemoryManager::new(128 << 20).unwrap();
+        let mut mm = SystemAllocator::new().unwrap();
         let a = mm.allocate_mmio(0x1000).unwrap();
         let b = mm.allocate_mmio(0x1000).unwrap();
         let c = mm.allocate_mmio(0x10_0000).unwrap();
@@ -215,7 +234,7 @@ mod tests {
 
     #[test]
     fn gsis_are_unique_and_run_out() {
-        let mut mm = MemoryManager::new(128 << 20).unwrap();
+        let mut mm = SystemAllocator::new().unwrap();
         let mut seen = Vec::new();
         while let Ok(g) = mm.allocate_gsi() {
             assert!(!seen.contains(&g));

@@ -19,9 +19,10 @@ use devices::{ExitHandle, VmExitReason};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::memory::{MemoryError, MemoryManager};
+use crate::memory::{MemoryError, MemoryManager, SystemAllocator};
 use crate::terminal::{spawn_stdin_reader, RawModeGuard};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use virtio::block::{Block, BlockError};
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,8 @@ pub enum VmError {
     Acpi(#[from] arch::acpi::AcpiError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("--disk: {source}")]
+    Disk { source: BlockError },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot get KVM's supported CPUID: {0}")]
@@ -262,7 +265,19 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         what: "VM exit",
         source,
     })?;
-    let devices = DeviceManager::new(&vm, &exit, &config.serial)?;
+    let mut devices = DeviceManager::new(&vm, &exit, &config.serial)?;
+    let mut allocator = SystemAllocator::new()?;
+    for disk in &config.disks {
+        let path = disk.path.display().to_string();
+        let block = Block::new(disk).map_err(|source| VmError::Disk { source })?;
+        devices.add_virtio_mmio(
+            &vm,
+            &mut allocator,
+            memory.guest_memory_atomic(),
+            Box::new(block),
+            &format!("virtio-blk {path}"),
+        )?;
+    }
 
     let kernel_path = config.kernel.display().to_string();
     let kernel = load_kernel(mem, &mut kernel_file).map_err(|source| VmError::Kernel {
@@ -284,14 +299,20 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
             "host KVM is PVM (software backend): hiding CPUID features its emulator rejects"
         );
     }
-    let cmdline = guest_cmdline(&config.cmdline, pvm && kernel.is_linux);
+    let mut cmdline = guest_cmdline(&config.cmdline, pvm && kernel.is_linux);
     if cmdline != config.cmdline.trim() {
         tracing::info!(
             "PVM does not apply the CPUID mask for XSAVE and POPCNT: adding '{}' to the Linux command line",
             arch::cpuid::PVM_LINUX_CMDLINE
         );
     }
-    let cmdline_len = write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
+    if config.platform.virtio_mmio_cmdline {
+        for word in devices.virtio_mmio_cmdline() {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
+    }
+    let cmdline_len = write_cmdline(mem, cmdline.trim()).map_err(VmError::Boot)?;
     let dsdt_devices = devices.dsdt_devices();
     let rsdp = create_acpi_tables(
         mem,

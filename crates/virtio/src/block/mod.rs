@@ -1,0 +1,12 @@
+//! virtio-blk (virtio v1.2 §5.2) on raw images: `device.rs` (features, configuration,
+//! activation), `request.rs` (one descriptor chain → a checked request), `event_handler.rs`
+//! (the worker thread), `io.rs` (image file and io_uring), `metrics.rs`.
+
+mod device;
+mod event_handler;
+pub mod io;
+mod metrics;
+pub mod request;
+
+pub use device::{Block, BlockConfig, BlockError, QUEUE_SIZE, SEG_MAX, SIZE_MAX};
+pub use metrics::BlockMetrics;
