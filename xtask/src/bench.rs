@@ -15,7 +15,27 @@ struct Sample {
     first_line: Duration,
     exit: Duration,
     peak_rss_kib: u64,
-    marks: Vec<(String, Duration)>,
+    /// Each marker line seen: the line, when it arrived, and the CPU time (ns) the VMM's
+    /// non-vCPU threads had used by then.
+    marks: Vec<(String, Duration, u64)>,
+}
+
+/// CPU nanoseconds used so far by `pid`'s threads whose name does not mark them as vCPU
+/// threads (vireo's `vcpuN`, QEMU's `CPU N/KVM` with debug-threads=on), from schedstat.
+fn vmm_thread_cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            !(comm.starts_with("vcpu") || comm.starts_with("CPU "))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,8 +59,8 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
         while let Some(Ok(l)) = lines.next() {
             let t = start.elapsed();
             first.get_or_insert(t);
-            if let Some(m) = marks.iter().find(|m| l.starts_with(m.as_str())) {
-                seen.push((m.clone(), t));
+            if marks.iter().any(|m| l.starts_with(m.as_str())) {
+                seen.push((l.clone(), t, vmm_thread_cpu_ns(pid)));
             }
         }
         (first, seen)
@@ -139,11 +159,11 @@ fn vireo_cmd(vireo: &Path, guest: &Path, cmdline: &str) -> Command {
     c
 }
 
-fn qemu_cmd(guest: &Path, cmdline: &str) -> Command {
+fn qemu_cmd(guest: &Path, cmdline: &str, machine: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
-        "microvm",
+        machine,
         "-enable-kvm",
         "-cpu",
         "host,-arch-capabilities",
@@ -168,6 +188,10 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 fn row(name: &str, unit: &str, vireo: Vec<f64>, qemu: Vec<f64>, target: &str) {
+    if vireo.is_empty() || qemu.is_empty() {
+        println!("{name:<28} (no samples)");
+        return;
+    }
     let (vm, vmin, vmax) = stats(vireo);
     let (qm, qmin, qmax) = stats(qemu);
     println!(
@@ -188,9 +212,9 @@ pub fn boot(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
     for i in 0..n {
         eprint!("\rbench boot: run {}/{n}", i + 1);
         vq.push(timed_run(&mut vireo_cmd(vireo, guest, quick), &[])?);
-        qq.push(timed_run(&mut qemu_cmd(guest, quick), &[])?);
+        qq.push(timed_run(&mut qemu_cmd(guest, quick, "microvm"), &[])?);
         vp.push(timed_run(&mut vireo_cmd(vireo, guest, &pio), &marks)?);
-        qp.push(timed_run(&mut qemu_cmd(guest, &pio), &marks)?);
+        qp.push(timed_run(&mut qemu_cmd(guest, &pio, "microvm"), &marks)?);
     }
     eprintln!();
     let ms = |s: &[Sample], f: fn(&Sample) -> Duration| -> Vec<f64> {
@@ -199,7 +223,12 @@ pub fn boot(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
     let per_exit = |s: &[Sample]| -> Result<Vec<f64>> {
         s.iter()
             .map(|x| {
-                let t = |m: &str| x.marks.iter().find(|(k, _)| k == m).map(|(_, t)| *t);
+                let t = |m: &str| {
+                    x.marks
+                        .iter()
+                        .find(|(k, _, _)| k.starts_with(m))
+                        .map(|(_, t, _)| *t)
+                };
                 match (t(marks[0]), t(marks[1])) {
                     (Some(a), Some(b)) => Ok((b - a).as_secs_f64() * 1e6 / f64::from(pio_count)),
                     _ => bail!("the pio run printed no start/done lines"),
@@ -236,5 +265,223 @@ pub fn boot(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
         per_exit(&qp)?,
         "<= 1.0x",
     );
+    Ok(())
+}
+
+const GIB: u64 = 1 << 30;
+const MIB: f64 = (1 << 20) as f64;
+const BLK_REGION: u64 = 256 << 20;
+const BLK_RANDREADS: u64 = 4096;
+const BLK_PHASES: [&str; 3] = ["seqwrite", "seqread", "randread"];
+
+/// A 1 GiB image whose every block is allocated and written (reads must reach the disk).
+fn bench_image(root: &Path) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("blk-1g.img");
+    if std::fs::metadata(&path).map(|m| m.len()).ok() == Some(GIB) {
+        return Ok(path);
+    }
+    eprintln!("bench blk: writing a 1 GiB image at {}", path.display());
+    let mut f = std::fs::File::create(&path)?;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for _ in 0..GIB >> 20 {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    Ok(path)
+}
+
+fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn ensure_fio() -> Result<()> {
+    if Command::new("fio")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return Ok(());
+    }
+    eprintln!("bench: installing fio from apt");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "fio"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?
+        .success();
+    if !ok {
+        bail!("cannot install fio");
+    }
+    Ok(())
+}
+
+/// One phase's result: MB/s, requests/s, VMM CPU µs per MiB and per request.
+#[derive(Clone, Copy, Debug)]
+struct Phase {
+    mb_s: f64,
+    iops: f64,
+    cpu_us_per_mib: f64,
+    cpu_us_per_req: f64,
+}
+
+fn phases(s: &Sample) -> Result<Vec<Phase>> {
+    BLK_PHASES
+        .iter()
+        .map(|p| {
+            let find = |what: &str| {
+                s.marks
+                    .iter()
+                    .find(|(l, _, _)| l.starts_with(&format!("probe: blk-bench phase={p} {what}")))
+            };
+            let (Some(start), Some(done)) = (find("start"), find("done")) else {
+                bail!("phase {p} has no start/done lines");
+            };
+            let num = |k: &str| -> f64 {
+                done.0
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let (bytes, reqs) = (num("bytes"), num("requests"));
+            let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
+            let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+            Ok(Phase {
+                mb_s: bytes / secs / 1e6,
+                iops: reqs / secs,
+                cpu_us_per_mib: cpu_us / (bytes / MIB).max(1e-9),
+                cpu_us_per_req: cpu_us / reqs.max(1.0),
+            })
+        })
+        .collect()
+}
+
+fn fio(
+    image: &Path,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    size: &str,
+    number_ios: Option<u64>,
+) -> Result<Phase> {
+    let mut c = Command::new("fio");
+    c.args([
+        "--name=bench",
+        "--direct=1",
+        "--ioengine=io_uring",
+        "--output-format=json",
+    ])
+    .arg(format!("--filename={}", image.display()))
+    .arg(format!("--rw={rw}"))
+    .arg(format!("--bs={bs}"))
+    .arg(format!("--iodepth={depth}"))
+    .arg(format!("--size={size}"));
+    if let Some(n) = number_ios {
+        c.arg(format!("--number_ios={n}"));
+    }
+    let out = c.stderr(Stdio::null()).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio output")?;
+    let job = &v["jobs"][0];
+    let side = if rw.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    Ok(Phase {
+        mb_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        cpu_us_per_mib: 0.0,
+        cpu_us_per_req: 0.0,
+    })
+}
+
+/// `cargo xtask bench blk`: the probe guest's blk-bench on a 1 GiB allocated image in
+/// vireo (direct=on) and QEMU microvm (cache=none, aio=io_uring), interleaved with the host
+/// page cache dropped before each, plus host fio O_DIRECT on the same file.
+pub fn blk(root: &Path, vireo: &Path, guest: &Path, n: usize) -> Result<()> {
+    ensure_qemu()?;
+    ensure_fio()?;
+    let image = bench_image(root)?;
+    let cmdline = format!(
+        "probe.mode=blk-bench probe.blk.region=0:{BLK_REGION} probe.blk.count={BLK_RANDREADS} probe.exit=port:0xf4"
+    );
+    let marks = ["probe: blk-bench phase="];
+    let (mut v, mut q, mut f) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        eprint!("\rbench blk: run {}/{n}", i + 1);
+        drop_caches();
+        let mut c = vireo_cmd(vireo, guest, &cmdline);
+        c.arg("--disk")
+            .arg(format!("path={},direct=on", image.display()));
+        v.push(phases(&timed_run(&mut c, &marks)?)?);
+        drop_caches();
+        let mut c = qemu_cmd(guest, &cmdline, "microvm,acpi=off");
+        c.args(["-name", "bench,debug-threads=on"])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .arg("-drive")
+            .arg(format!(
+                "id=d0,file={},format=raw,if=none,cache=none,aio=io_uring",
+                image.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=d0"]);
+        q.push(phases(&timed_run(&mut c, &marks)?)?);
+        drop_caches();
+        let region = format!("{}M", BLK_REGION >> 20);
+        f.push(vec![
+            fio(&image, "write", "1M", 8, &region, None)?,
+            fio(&image, "read", "1M", 8, &region, None)?,
+            fio(&image, "randread", "4k", 32, &region, Some(BLK_RANDREADS))?,
+        ]);
+    }
+    eprintln!();
+    println!(
+        "probe guest blk-bench, 1 GiB allocated image, region {} MiB, {n} runs each, interleaved (median [min..max]); fio = host O_DIRECT io_uring",
+        BLK_REGION >> 20
+    );
+    for (i, name) in BLK_PHASES.iter().enumerate() {
+        let col = |runs: &[Vec<Phase>], g: fn(&Phase) -> f64| -> Vec<f64> {
+            runs.iter().map(|r| g(&r[i])).collect()
+        };
+        let (fm, _, _) = stats(col(&f, |p| p.mb_s));
+        let (fi, _, _) = stats(col(&f, |p| p.iops));
+        if i < 2 {
+            row(
+                &format!("{name} MB/s (fio {fm:.0})"),
+                "MB/s",
+                col(&v, |p| p.mb_s),
+                col(&q, |p| p.mb_s),
+                ">= 1.0x",
+            );
+            row(
+                &format!("{name} VMM CPU/MiB"),
+                "us",
+                col(&v, |p| p.cpu_us_per_mib),
+                col(&q, |p| p.cpu_us_per_mib),
+                "<= 0.5x",
+            );
+        } else {
+            row(
+                &format!("{name} IOPS (fio {fi:.0})"),
+                "IOPS",
+                col(&v, |p| p.iops),
+                col(&q, |p| p.iops),
+                ">= 1.0x",
+            );
+            row(
+                &format!("{name} VMM CPU/req"),
+                "us",
+                col(&v, |p| p.cpu_us_per_req),
+                col(&q, |p| p.cpu_us_per_req),
+                "<= 0.5x",
+            );
+        }
+    }
     Ok(())
 }

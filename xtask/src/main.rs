@@ -4,6 +4,7 @@
 //! - `cargo xtask test`  — build the kit, run every test group
 //! - `cargo xtask kit`   — build the guest kit only
 //! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, boot time, RSS, port-I/O exits
+//! - `cargo xtask bench blk [N]` — virtio-blk throughput and VMM CPU per request, with fio
 
 mod bench;
 mod kit;
@@ -114,7 +115,13 @@ fn main() -> Result<()> {
             let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(10);
             bench::boot(&vireo, &kit.probe.elf, n)?;
         }
-        _ => bail!("usage: cargo xtask boot | test | kit | probe | bench boot [N]"),
+        ["bench", "blk", rest @ ..] => {
+            let vireo = build_vireo(&root)?;
+            let kit = build_kit(&root)?;
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(5);
+            bench::blk(&root, &vireo, &kit.probe.elf, n)?;
+        }
+        _ => bail!("usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N]"),
     }
     Ok(())
 }

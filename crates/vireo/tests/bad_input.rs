@@ -203,3 +203,101 @@ fn vireo_via(tool: &str, args: &[&str]) -> (Option<i32>, String) {
         .finish(Duration::from_secs(30));
     (run.code, run.stderr)
 }
+
+#[test]
+fn bad_disk_images() {
+    let elf = probe_elf();
+    let k = elf.to_str().unwrap();
+    let dir = scratch("bad-disk");
+    assert_one_line_error(
+        &["--kernel", k, "--disk", "path=/nonexistent/d.img"],
+        "disk image /nonexistent/d.img: No such file",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--disk", &format!("path={}", dir.display())],
+        "not a regular file",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--disk", "readonly=on"],
+        "path=FILE is required",
+    );
+    let tiny = dir.join("tiny.img");
+    std::fs::write(&tiny, b"x").unwrap();
+    assert_one_line_error(
+        &["--kernel", k, "--disk", &format!("path={}", tiny.display())],
+        "smaller than one 512-byte sector",
+    );
+}
+
+#[test]
+fn a_disk_in_use_by_another_vm_is_refused() {
+    if !kvm_available("a_disk_in_use_by_another_vm_is_refused") {
+        return;
+    }
+    let dir = scratch("locked-disk");
+    let img = dir.join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let elf = probe_elf();
+    let disk = format!("path={}", img.display());
+    let first = spawn(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--disk",
+        &disk,
+        "--cmdline",
+        "probe.mode=echo",
+    ]);
+    assert!(
+        first
+            .wait_for_line(PROBE_TIMEOUT, |l| l == "probe: echo ready")
+            .is_some(),
+        "first VM did not start"
+    );
+    assert_one_line_error(
+        &["--kernel", elf.to_str().unwrap(), "--disk", &disk],
+        "in use by another process",
+    );
+    first.kill();
+}
+
+#[test]
+fn a_disk_without_permission_is_refused() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("!!!!!!!! SKIPPED a_disk_without_permission_is_refused: needs root to drop privileges !!!!!!!!");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("perm-disk");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = dir.join("probe.elf");
+    std::fs::copy(probe_elf(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let img = dir.join("root-only.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stderr) = vireo_via(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vireo_bin(),
+            "--kernel",
+            k.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", img.display()),
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("root-only.img") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+}

@@ -253,6 +253,13 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         None => None,
     };
 
+    // Every host file is checked (and disk images locked) before KVM is touched.
+    let blocks = config
+        .disks
+        .iter()
+        .map(|d| Block::new(d).map_err(|source| VmError::Disk { source }))
+        .collect::<Result<Vec<_>, _>>()?;
+
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
     disable_pit_reinjection(vm.clone());
@@ -267,9 +274,8 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     })?;
     let mut devices = DeviceManager::new(&vm, &exit, &config.serial)?;
     let mut allocator = SystemAllocator::new()?;
-    for disk in &config.disks {
+    for (disk, block) in config.disks.iter().zip(blocks) {
         let path = disk.path.display().to_string();
-        let block = Block::new(disk).map_err(|source| VmError::Disk { source })?;
         devices.add_virtio_mmio(
             &vm,
             &mut allocator,
