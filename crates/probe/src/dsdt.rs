@@ -187,8 +187,16 @@ fn crs_buffer(aml: &[u8], i: usize) -> Option<&[u8]> {
     aml.get(data..end)
 }
 
-/// Prints ` io=.. irq=.. mem=..` for each descriptor of a resource template (6.4).
-fn print_resources(r: &[u8]) {
+/// One resource of a resource template.
+#[derive(Clone, Copy)]
+pub enum Res {
+    Io(u64, u64),
+    Mem(u64, u64),
+    Irq(u64),
+}
+
+/// Calls `f` for each descriptor of a resource template (6.4) the probe understands.
+fn resources(r: &[u8], mut f: impl FnMut(Res)) {
     let mut i = 0;
     while let Some(&tag) = r.get(i) {
         let le = |off: usize, n: usize| crate::phys::le(r, i + off, n);
@@ -201,47 +209,55 @@ fn print_resources(r: &[u8]) {
                     let mask = le(1, 2);
                     for irq in 0..16 {
                         if mask & (1 << irq) != 0 {
-                            " irq=".emit();
-                            Dec(irq).emit();
+                            f(Res::Irq(irq));
                         }
                     }
                 }
-                0x8 if len >= 7 => {
-                    let (min, n) = (le(2, 2), le(7, 1));
-                    range("io", min, n);
-                }
-                0x9 if len >= 3 => range("io", le(1, 2) & 0x3ff, le(3, 1)),
+                0x8 if len >= 7 => f(Res::Io(le(2, 2), le(7, 1))),
+                0x9 if len >= 3 => f(Res::Io(le(1, 2) & 0x3ff, le(3, 1))),
                 _ => {}
             }
             i += 1 + len;
         } else {
             let len = le(1, 2) as usize;
-            match tag {
-                0x86 if len >= 9 => range("mem", le(4, 4), le(8, 4)),
+            let space = |kind: u64, min: u64, len: u64| match kind {
+                0 => Some(Res::Mem(min, len)),
+                1 => Some(Res::Io(min, len)),
+                _ => None,
+            };
+            let res = match tag {
+                0x86 if len >= 9 => Some(Res::Mem(le(4, 4), le(8, 4))),
                 0x89 if len >= 6 => {
                     let count = le(4, 1) as usize;
                     for k in 0..count.min((len - 2) / 4) {
-                        " irq=".emit();
-                        Dec(le(5 + 4 * k, 4)).emit();
+                        f(Res::Irq(le(5 + 4 * k, 4)));
                     }
+                    None
                 }
                 // QWord, DWord, Word address space: resource type 0 memory, 1 I/O.
                 0x8a if len >= 43 => space(le(3, 1), le(14, 8), le(38, 8)),
                 0x87 if len >= 23 => space(le(3, 1), le(10, 4), le(22, 4)),
                 0x88 if len >= 13 => space(le(3, 1), le(8, 2), le(14, 2)),
-                _ => {}
+                _ => None,
+            };
+            if let Some(res) = res {
+                f(res);
             }
             i += 3 + len;
         }
     }
 }
 
-fn space(kind: u64, min: u64, len: u64) {
-    match kind {
-        0 => range("mem", min, len),
-        1 => range("io", min, len),
-        _ => {}
-    }
+/// Prints ` io=.. irq=.. mem=..` for each descriptor of a resource template.
+fn print_resources(r: &[u8]) {
+    resources(r, |res| match res {
+        Res::Io(min, len) => range("io", min, len),
+        Res::Mem(min, len) => range("mem", min, len),
+        Res::Irq(irq) => {
+            " irq=".emit();
+            Dec(irq).emit();
+        }
+    });
 }
 
 fn range(what: &str, min: u64, len: u64) {
@@ -256,23 +272,65 @@ fn range(what: &str, min: u64, len: u64) {
     Hex(min.wrapping_add(len - 1)).emit();
 }
 
-/// Prints one line per Device with a _HID, then the count.
-pub fn report(aml: &[u8]) {
-    let mut devices = 0u64;
+/// A Device with a _HID, and its _CRS if it has one.
+struct Device<'a> {
+    name: [u8; 4],
+    hid: Hid,
+    crs: Option<&'a [u8]>,
+}
+
+/// Calls `f` for each Device with a _HID.
+fn devices<'a>(aml: &'a [u8], mut f: impl FnMut(&Device<'a>)) {
     let mut i = 0;
     while let Some(at) = find2(aml, i, EXT_OP, EXT_OP) {
         if aml.get(at + 1) == Some(&DEVICE_OP) {
-            if let Some(found) = device(aml, at + 2) {
-                devices += found as u64;
+            if let Some(d) = device(aml, at + 2) {
+                f(&d);
             }
         }
         i = at + 1;
     }
-    say!("probe: dsdt devices=", Dec(devices));
 }
 
-/// The Device whose PkgLength is at `p`: prints it if it has a _HID.
-fn device(aml: &[u8], p: usize) -> Option<bool> {
+/// Prints one line per Device with a _HID, then the count.
+pub fn report(aml: &[u8]) {
+    let mut n = 0u64;
+    devices(aml, |d| {
+        n += 1;
+        "probe: dsdt device name=".emit();
+        Text(&d.name).emit();
+        " hid=".emit();
+        d.hid.emit();
+        if let Some(r) = d.crs {
+            print_resources(r);
+        }
+        say!();
+    });
+    say!("probe: dsdt devices=", Dec(n));
+}
+
+/// Calls `f(base, size, irq)` for each virtio-mmio device (`_HID "LNRO0005"`, the id Linux's
+/// virtio_mmio driver matches) with a memory resource; irq is its first interrupt, or 0.
+pub fn virtio_mmio(aml: &[u8], mut f: impl FnMut(u64, u64, u64)) {
+    devices(aml, |d| {
+        let is_virtio = matches!(&d.hid, Hid::Str(s, n) if &s[..*n] == b"LNRO0005");
+        let Some(crs) = d.crs.filter(|_| is_virtio) else {
+            return;
+        };
+        let (mut mem, mut irq) = (None, None);
+        resources(crs, |r| match r {
+            Res::Mem(base, len) if mem.is_none() && len > 0 => mem = Some((base, len)),
+            Res::Irq(n) if irq.is_none() => irq = Some(n),
+            _ => {}
+        });
+        if let Some((base, len)) = mem {
+            f(base, len, irq.unwrap_or(0));
+        }
+    });
+}
+
+/// The Device whose PkgLength is at `p`, if it has a _HID.
+fn device(aml: &[u8], p: usize) -> Option<Device<'_>> {
     let (pkg, used) = pkg_length(aml, p)?;
     let end = p.checked_add(pkg)?;
     if end > aml.len() {
@@ -297,15 +355,7 @@ fn device(aml: &[u8], p: usize) -> Option<bool> {
         }
     }
     let hid = hid(aml, hid_at?)?;
-    "probe: dsdt device name=".emit();
-    Text(&name).emit();
-    " hid=".emit();
-    hid.emit();
-    if let Some(r) = crs {
-        print_resources(r);
-    }
-    say!();
-    Some(true)
+    Some(Device { name, hid, crs })
 }
 
 /// SLP_TYP for S5: the first element of `Name(_S5_, Package(){...})` (ACPI 7.4.2).

@@ -7,11 +7,14 @@
 #![no_main]
 
 mod acpi;
+mod blk;
 mod bootinfo;
 mod dsdt;
+mod hostile;
 mod phys;
 mod serial;
 mod smp;
+mod virtio;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -45,6 +48,9 @@ enum Mode {
     Pio,
     FaultEmulation,
     FaultTriple,
+    Blk,
+    BlkBench,
+    BlkHostile,
 }
 
 #[derive(Clone, Copy)]
@@ -91,6 +97,9 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"pio" => Mode::Pio,
                 b"fault-emulation" => Mode::FaultEmulation,
                 b"fault-triple" => Mode::FaultTriple,
+                b"blk" => Mode::Blk,
+                b"blk-bench" => Mode::BlkBench,
+                b"blk-hostile" => Mode::BlkHostile,
                 _ => Mode::Boot,
             };
         } else if let Some(v) = w.strip_prefix(b"probe.exit=") {
@@ -149,8 +158,12 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
     if let Some(e) = boot.error {
         say!("probe: error ", e);
     }
+    let mut pass = true;
     match o.mode {
         Mode::Quick => {}
+        Mode::Blk => pass = blk::run(boot.cmdline()),
+        Mode::BlkBench => pass = blk::bench(boot.cmdline()),
+        Mode::BlkHostile => pass = hostile::run(boot.cmdline()),
         Mode::Boot => report(boot),
         Mode::Echo => echo(),
         Mode::Pio => pio(o.count),
@@ -166,7 +179,7 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         }
     }
     let w = exit_write(o.exit);
-    say!("PROBE-OK");
+    say!(if pass { "PROBE-OK" } else { "PROBE-FAIL" });
     fire(w)
 }
 

@@ -225,3 +225,63 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     memcmp(a, b, n)
 }
+
+extern "C" {
+    /// End of the loaded image, stacks and spare page directories included (link.ld).
+    static __image_end: u8;
+}
+
+/// Memory for device DMA (virtqueues, request buffers): a bump allocator over the largest
+/// piece of RAM the memory map gives above the image, below 4 GiB and clear of the initrd.
+/// Never freed; not zeroed.
+pub struct Arena {
+    next: u64,
+    end: u64,
+}
+
+impl Arena {
+    pub fn new(boot: &crate::bootinfo::BootInfo) -> Arena {
+        const MIB2: u64 = 2 << 20;
+        let image_end = &raw const __image_end as u64;
+        let floor = image_end.div_ceil(MIB2) * MIB2;
+        let mut best = Arena { next: 0, end: 0 };
+        for r in boot.regions().iter().filter(|r| r.kind == 1) {
+            let lo = r.base.max(floor);
+            let mut hi = r.base.saturating_add(r.size).min(4 * GIB);
+            if let Some((a, n)) = boot.initrd {
+                if a.saturating_add(n) > lo && a < hi {
+                    hi = hi.min(a.max(lo));
+                }
+            }
+            if hi > lo && hi - lo > best.end - best.next {
+                best = Arena { next: lo, end: hi };
+            }
+        }
+        best
+    }
+
+    /// `len` bytes aligned to `align` (a power of two), or None when the arena is used up.
+    pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
+        let at = self.next.checked_add(align - 1)? & !(align - 1);
+        let end = at.checked_add(len)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(at)
+    }
+}
+
+/// Zeroes `len` bytes at `a` (8 at a time; `len` a multiple of 8).
+pub fn zero(a: u64, len: u64) {
+    // SAFETY: callers pass memory they allocated from an Arena.
+    unsafe {
+        asm!("rep stosq", inout("rcx") len / 8 => _, inout("rdi") a => _, in("rax") 0u64,
+             options(nostack, preserves_flags));
+    }
+}
+
+pub fn mfence() {
+    // SAFETY: a full memory barrier.
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) }
+}
