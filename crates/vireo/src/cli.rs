@@ -49,8 +49,9 @@ pub struct Cli {
     /// vCPUs: boot=N (1 to 254; default 1).
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
-    /// Guest RAM: size=SIZE with a K, M or G suffix (default 512M).
-    #[arg(long, value_name = "size=SIZE")]
+    /// Guest RAM: size=SIZE with a K, M or G suffix (default 512M)[,thp=on|off] (transparent
+    /// huge pages, default on).
+    #[arg(long, value_name = "size=SIZE[,thp=on|off]")]
     pub memory: Option<String>,
     /// Guest console (COM1): tty (stdin/stdout), off, or file=PATH (default tty).
     #[arg(long, value_name = "tty|off|file=PATH")]
@@ -113,7 +114,8 @@ struct CpusFile {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct MemoryFile {
-    size: SizeValue,
+    size: Option<SizeValue>,
+    thp: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -195,16 +197,21 @@ fn vcpu_count(n: u64) -> Result<u8, CliError> {
     })
 }
 
-pub fn parse_memory(s: &str) -> Result<u64, CliError> {
-    let mut size = DEFAULT_MEMORY;
-    for (_, v) in key_values("--memory", s, &["size"], "size=SIZE")? {
+/// `--memory size=SIZE[,thp=on|off]` → (bytes, transparent huge pages).
+pub fn parse_memory(s: &str) -> Result<(u64, bool), CliError> {
+    let (mut size, mut thp) = (DEFAULT_MEMORY, true);
+    for (k, v) in key_values("--memory", s, &["size", "thp"], "size=SIZE[,thp=on|off]")? {
+        if k == "thp" {
+            thp = on_off("--memory thp", v)?;
+            continue;
+        }
         size = parse_size(v).ok_or_else(|| CliError::BadValue {
             option: "--memory",
             value: v.to_string(),
             what: "size (a number with an optional K, M or G suffix)",
         })?;
     }
-    Ok(size)
+    Ok((size, thp))
 }
 
 fn on_off(option: &'static str, v: &str) -> Result<bool, CliError> {
@@ -296,25 +303,21 @@ impl Cli {
             (None, Some(c)) => vcpu_count(c.boot)?,
             (None, None) => DEFAULT_VCPUS,
         };
-        let memory_size = match (&self.memory, &file.memory) {
+        let (memory_size, memory_thp) = match (&self.memory, &file.memory) {
             (Some(s), _) => parse_memory(s)?,
-            (
-                None,
-                Some(MemoryFile {
-                    size: SizeValue::Bytes(b),
-                }),
-            ) => *b,
-            (
-                None,
-                Some(MemoryFile {
-                    size: SizeValue::Text(t),
-                }),
-            ) => parse_size(t).ok_or_else(|| CliError::BadValue {
-                option: "memory.size",
-                value: t.clone(),
-                what: "size (a number with an optional K, M or G suffix)",
-            })?,
-            (None, None) => DEFAULT_MEMORY,
+            (None, Some(m)) => {
+                let size = match &m.size {
+                    Some(SizeValue::Bytes(b)) => *b,
+                    Some(SizeValue::Text(t)) => parse_size(t).ok_or_else(|| CliError::BadValue {
+                        option: "memory.size",
+                        value: t.clone(),
+                        what: "size (a number with an optional K, M or G suffix)",
+                    })?,
+                    None => DEFAULT_MEMORY,
+                };
+                (size, m.thp.unwrap_or(true))
+            }
+            (None, None) => (DEFAULT_MEMORY, true),
         };
         let serial = match self.serial.as_deref().or(file.serial.as_deref()) {
             Some(s) => parse_serial(s)?,
@@ -350,6 +353,7 @@ impl Cli {
             cmdline: self.cmdline.or(file.cmdline).unwrap_or_default(),
             vcpus,
             memory_size,
+            memory_thp,
             serial,
             disks,
             platform,
@@ -382,6 +386,7 @@ mod tests {
         let c = cli(&["--kernel", "k"]).into_vm_config(None).unwrap();
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.memory_size, 512 << 20);
+        assert!(c.memory_thp);
         assert_eq!(c.serial, SerialConfig::Tty);
         assert_eq!(c.cmdline, "");
         assert_eq!(c.initramfs, None);
@@ -407,6 +412,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.vcpus, 4);
         assert_eq!(c.memory_size, 1 << 30);
+        assert_eq!(parse_memory("size=2G,thp=off"), Ok((2 << 30, false)));
+        assert!(parse_memory("size=2G,thp=maybe").is_err());
         assert_eq!(c.cmdline, "a b");
         assert_eq!(c.initramfs, Some(PathBuf::from("i")));
         assert_eq!(c.serial, SerialConfig::File("/tmp/x".into()));

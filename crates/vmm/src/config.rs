@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_size: u64,
+    /// Back guest RAM with transparent huge pages.
+    pub memory_thp: bool,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
     pub platform: PlatformConfig,
@@ -103,6 +105,7 @@ mod tests {
             cmdline: String::new(),
             vcpus: 1,
             memory_size: 512 << 20,
+            memory_thp: true,
             serial: SerialConfig::Tty,
             disks: Vec::new(),
             platform: PlatformConfig::default(),

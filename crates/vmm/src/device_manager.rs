@@ -72,6 +72,8 @@ pub struct DeviceManager {
     /// `virtio_mmio.device=` words for kernels that find devices on the command line.
     virtio_mmio_cmdline: Vec<String>,
     virtio_count: usize,
+    /// Per-device counters, logged when the VM stops.
+    block_metrics: Vec<(String, Arc<virtio::block::BlockMetrics>)>,
 }
 
 use virtio::transport::mmio::{
@@ -158,6 +160,7 @@ impl DeviceManager {
             dsdt_devices,
             virtio_mmio_cmdline: Vec::new(),
             virtio_count: 0,
+            block_metrics: Vec::new(),
         })
     }
 
@@ -222,6 +225,19 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Keeps a block device's counters for the report at VM exit.
+    pub fn track_block_metrics(&mut self, what: &str, metrics: Arc<virtio::block::BlockMetrics>) {
+        self.block_metrics.push((what.to_string(), metrics));
+    }
+
+    /// What each device did, for the log when the VM stops.
+    pub fn metrics_report(&self) -> Vec<String> {
+        self.block_metrics
+            .iter()
+            .map(|(what, m)| format!("{what}: {m}"))
+            .collect()
+    }
+
     pub fn virtio_mmio_cmdline(&self) -> &[String] {
         &self.virtio_mmio_cmdline
     }
@@ -247,8 +263,11 @@ impl DeviceManager {
     }
 
     /// Hands the buses over to the vCPUs.
-    pub fn into_buses(self) -> (Arc<Bus>, Arc<Bus>) {
-        (Arc::new(self.pio_bus), Arc::new(self.mmio_bus))
+    pub fn take_buses(&mut self) -> (Arc<Bus>, Arc<Bus>) {
+        (
+            Arc::new(std::mem::take(&mut self.pio_bus)),
+            Arc::new(std::mem::take(&mut self.mmio_bus)),
+        )
     }
 }
 

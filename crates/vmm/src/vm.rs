@@ -264,7 +264,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let vm = Arc::new(create_vm(&kvm)?);
     disable_pit_reinjection(vm.clone());
     phase("VM created");
-    let memory = MemoryManager::new(config.memory_size)?;
+    let memory = MemoryManager::new(config.memory_size, config.memory_thp)?;
     let slots = memory.register_with(vm.clone())?;
     let mem = memory.guest_memory();
 
@@ -276,6 +276,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let mut allocator = SystemAllocator::new()?;
     for (disk, block) in config.disks.iter().zip(blocks) {
         let path = disk.path.display().to_string();
+        devices.track_block_metrics(&format!("virtio-blk {path}"), block.metrics());
         devices.add_virtio_mmio(
             &vm,
             &mut allocator,
@@ -358,7 +359,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     slots.wait()?;
     phase("memory registered");
     let serial = devices.serial();
-    let (pio, mmio) = devices.into_buses();
+    let (pio, mmio) = devices.take_buses();
     let _raw = if config.serial == SerialConfig::Tty {
         let guard = RawModeGuard::enable();
         spawn_stdin_reader(serial).map_err(VmError::StdinThread)?;
@@ -398,6 +399,9 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         std::mem::forget(vm);
     }
     phase("VM torn down");
+    for line in devices.metrics_report() {
+        tracing::info!("{line}");
+    }
     outcome
 }
 

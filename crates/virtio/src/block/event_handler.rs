@@ -66,7 +66,8 @@ pub(super) struct Worker {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     queue_index: u16,
     queue: Queue,
-    queue_evt: EventFd,
+    /// Registered (edge-triggered) in `epoll`; owned here so it stays open.
+    _queue_evt: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
     disk: Arc<DiskImage>,
     /// A page-cache descriptor for buffers O_DIRECT cannot take (not 512-byte aligned).
@@ -125,24 +126,24 @@ impl Worker {
             None
         };
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
-        for (fd, token) in [
-            (queue_evt.as_raw_fd(), TOKEN_QUEUE),
-            (engine.completion_fd(), TOKEN_COMPLETION),
-            (kill.as_raw_fd(), TOKEN_KILL),
+        // The queue and completion eventfds are edge-triggered and never read: every write
+        // (a guest notification through the ioeventfd, an io_uring completion) wakes us once,
+        // and each wake-up drains the whole available ring or completion queue, so reading
+        // the counters back would only cost two system calls per request.
+        for (fd, token, events) in [
+            (queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (kill.as_raw_fd(), TOKEN_KILL, EventSet::IN),
         ] {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(WorkerError::Epoll)?;
         }
         Ok(Self {
             mem,
             queue_index,
             queue,
-            queue_evt,
+            _queue_evt: queue_evt,
             interrupt,
             disk,
             buffered,
@@ -175,7 +176,6 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_QUEUE => {
-                        let _ = self.queue_evt.read();
                         BlockMetrics::add(&self.metrics.notifications, 1);
                         self.process_queue();
                     }
@@ -399,7 +399,10 @@ impl Worker {
                                 (v.iov_base as usize | v.iov_len) % SECTOR_SIZE as usize == 0
                             });
                             let fd = match (&self.buffered, aligned) {
-                                (Some(f), false) => f.as_raw_fd(),
+                                (Some(f), false) => {
+                                    BlockMetrics::add(&self.metrics.unaligned, 1);
+                                    f.as_raw_fd()
+                                }
                                 _ => self.disk.fd(),
                             };
                             let op = if r.kind == RequestType::In {

@@ -270,7 +270,6 @@ impl IoEngine {
     /// Collects finished operations as (token, op, result), then refills the submission
     /// queue from the backlog.
     pub fn reap(&mut self, fd: RawFd, out: &mut Vec<(u64, IoOp, IoResult)>) {
-        let _ = self.completion_evt.read();
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()

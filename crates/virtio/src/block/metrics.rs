@@ -23,6 +23,8 @@ pub struct BlockMetrics {
     pub notifications: AtomicU64,
     /// Used-buffer notifications sent to the driver.
     pub interrupts: AtomicU64,
+    /// Reads and writes whose buffers O_DIRECT cannot take, done through the page cache.
+    pub unaligned: AtomicU64,
     /// The most backend operations in flight at once.
     pub max_in_flight: AtomicU64,
 }
@@ -38,5 +40,29 @@ impl BlockMetrics {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Display for BlockMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = Self::get;
+        write!(
+            f,
+            "{} requests ({} merged), {} MiB read, {} MiB written, {} flushes, {} discards, {} write-zeroes, {} I/O errors, {} unsupported, {} dropped, {} through the page cache, {} notifications, {} interrupts, at most {} in flight",
+            g(&self.requests),
+            g(&self.merged),
+            g(&self.read_bytes) >> 20,
+            g(&self.write_bytes) >> 20,
+            g(&self.flushes),
+            g(&self.discards),
+            g(&self.write_zeroes),
+            g(&self.io_errors),
+            g(&self.unsupported),
+            g(&self.dropped),
+            g(&self.unaligned),
+            g(&self.notifications),
+            g(&self.interrupts),
+            g(&self.max_in_flight),
+        )
     }
 }
