@@ -308,11 +308,13 @@ impl Cli {
             (None, Some(m)) => {
                 let size = match &m.size {
                     Some(SizeValue::Bytes(b)) => *b,
-                    Some(SizeValue::Text(t)) => parse_size(t).ok_or_else(|| CliError::BadValue {
-                        option: "memory.size",
-                        value: t.clone(),
-                        what: "size (a number with an optional K, M or G suffix)",
-                    })?,
+                    Some(SizeValue::Text(t)) => {
+                        parse_size(t).ok_or_else(|| CliError::BadValue {
+                            option: "memory.size",
+                            value: t.clone(),
+                            what: "size (a number with an optional K, M or G suffix)",
+                        })?
+                    }
                     None => DEFAULT_MEMORY,
                 };
                 (size, m.thp.unwrap_or(true))

@@ -131,8 +131,16 @@ impl Worker {
         // and each wake-up drains the whole available ring or completion queue, so reading
         // the counters back would only cost two system calls per request.
         for (fd, token, events) in [
-            (queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (
+                queue_evt.as_raw_fd(),
+                TOKEN_QUEUE,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
+            (
+                engine.completion_fd(),
+                TOKEN_COMPLETION,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
             (kill.as_raw_fd(), TOKEN_KILL, EventSet::IN),
         ] {
             epoll
