@@ -187,7 +187,10 @@ impl Worker {
                         BlockMetrics::add(&self.metrics.notifications, 1);
                         self.process_queue();
                     }
-                    TOKEN_COMPLETION => self.complete_io(),
+                    TOKEN_COMPLETION => {
+                        self.complete_io();
+                        self.process_queue();
+                    }
                     TOKEN_KILL => {
                         let _ = self.kill.read();
                         killed = true;
@@ -214,14 +217,17 @@ impl Worker {
         self.signal_used();
     }
 
+    /// Takes every available chain, answers or submits it, and decides whether the driver
+    /// must notify again: while I/O is in flight its completion brings us back here anyway,
+    /// so notifications stay off (§2.7.10) and new requests are picked up then, in batches,
+    /// without a QueueNotify exit per request; only when nothing is in flight are they
+    /// re-enabled (and the ring checked once more for what raced with that).
     fn process_queue(&mut self) {
-        let mem = self.mem.memory();
-        let mut immediate = Vec::new();
-        let mut io = Vec::new();
         loop {
-            if self.queue.event_idx_enabled() {
-                let _ = self.queue.disable_notification(&*mem);
-            }
+            let mem = self.mem.memory();
+            let _ = self.queue.disable_notification(&*mem);
+            let mut immediate = Vec::new();
+            let mut io = Vec::new();
             while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
                 BlockMetrics::add(&self.metrics.requests, 1);
                 match parse(chain, &*mem, MAX_REQUEST_DATA) {
@@ -244,20 +250,20 @@ impl Worker {
                     }
                 }
             }
-            if !self.queue.event_idx_enabled() {
+            drop(mem);
+            for i in immediate {
+                self.finish(i);
+            }
+            self.submit_io(io);
+            if self.engine.in_flight() > 0 {
                 break;
             }
-            // Re-enable notifications; if buffers arrived meanwhile, go round again.
+            let mem = self.mem.memory();
             match self.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 _ => break,
             }
         }
-        drop(mem);
-        for i in immediate {
-            self.finish(i);
-        }
-        self.submit_io(io);
     }
 
     /// Checks a parsed request against the disk and either answers it now or queues it
