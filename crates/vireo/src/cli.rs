@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Deserialize;
-use vmm::{DiskConfig, PlatformConfig, SerialConfig, VmConfig};
+use vmm::{DiskConfig, NetConfig, PlatformConfig, SerialConfig, VmConfig};
 
 /// A user error in the command line or config file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +60,10 @@ pub struct Cli {
     /// repeatable.
     #[arg(long, value_name = "path=FILE,...")]
     pub disk: Vec<String>,
+    /// A virtio-net interface on a host tap: tap=NAME[,mac=MAC][,ip=IP,mask=MASK] (with ip,
+    /// a missing tap is created and given that host address); repeatable.
+    #[arg(long, value_name = "tap=NAME,...")]
+    pub net: Vec<String>,
     /// Platform options: virtio_mmio_cmdline=on also lists virtio-mmio devices on the
     /// kernel command line (they are always in the ACPI DSDT).
     #[arg(long, value_name = "virtio_mmio_cmdline=on|off")]
@@ -84,7 +88,17 @@ pub struct ConfigFile {
     memory: Option<MemoryFile>,
     serial: Option<String>,
     disks: Option<Vec<DiskFile>>,
+    nets: Option<Vec<NetFile>>,
     platform: Option<PlatformFile>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct NetFile {
+    tap: String,
+    mac: Option<String>,
+    ip: Option<String>,
+    mask: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -262,6 +276,58 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, CliError> {
     })
 }
 
+fn net_config(
+    tap: Option<&str>,
+    mac: Option<&str>,
+    ip: Option<&str>,
+    mask: Option<&str>,
+    whole: &str,
+) -> Result<NetConfig, CliError> {
+    let bad = |what: &'static str, value: &str| CliError::BadValue {
+        option: "--net",
+        value: value.to_string(),
+        what,
+    };
+    let tap = match tap {
+        Some(t) if !t.is_empty() => t.to_string(),
+        _ => return Err(bad("interface (tap=NAME is required)", whole)),
+    };
+    let mac = match mac {
+        Some(m) => Some(
+            virtio::net::tap::parse_mac(m)
+                .ok_or_else(|| bad("MAC address (unicast, aa:bb:cc:dd:ee:ff)", m))?,
+        ),
+        None => None,
+    };
+    let ip = match (ip, mask) {
+        (Some(ip), Some(mask)) => Some((
+            ip.parse().map_err(|_| bad("IPv4 address", ip))?,
+            mask.parse().map_err(|_| bad("IPv4 netmask", mask))?,
+        )),
+        (None, None) => None,
+        _ => return Err(bad("interface (ip= and mask= go together)", whole)),
+    };
+    Ok(NetConfig { tap, mac, ip })
+}
+
+pub fn parse_net(s: &str) -> Result<NetConfig, CliError> {
+    let (mut tap, mut mac, mut ip, mut mask) = (None, None, None, None);
+    for (k, v) in key_values(
+        "--net",
+        s,
+        &["tap", "mac", "ip", "mask"],
+        "tap=NAME[,mac=MAC][,ip=IP,mask=MASK]",
+    )? {
+        match k {
+            "tap" => tap = Some(v),
+            "mac" => mac = Some(v),
+            "ip" => ip = Some(v),
+            _ => mask = Some(v),
+        }
+    }
+    net_config(tap, mac, ip, mask, s)
+}
+
 pub fn parse_platform(s: &str) -> Result<PlatformConfig, CliError> {
     let mut p = PlatformConfig::default();
     for (_, v) in key_values(
@@ -342,6 +408,26 @@ impl Cli {
                 })
                 .collect()
         };
+        let nets = if !self.net.is_empty() {
+            self.net
+                .iter()
+                .map(|n| parse_net(n))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            file.nets
+                .unwrap_or_default()
+                .iter()
+                .map(|n| {
+                    net_config(
+                        Some(&n.tap),
+                        n.mac.as_deref(),
+                        n.ip.as_deref(),
+                        n.mask.as_deref(),
+                        &n.tap,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let platform = match (&self.platform, &file.platform) {
             (Some(s), _) => parse_platform(s)?,
             (None, Some(p)) => PlatformConfig {
@@ -358,6 +444,7 @@ impl Cli {
             memory_thp,
             serial,
             disks,
+            nets,
             platform,
         })
     }
@@ -522,6 +609,47 @@ mod tests {
         .unwrap();
         let c = Cli::default().into_vm_config(Some(f)).unwrap();
         assert!(c.disks[0].readonly && c.platform.virtio_mmio_cmdline);
+    }
+
+    #[test]
+    fn nets() {
+        let c = cli(&[
+            "--kernel",
+            "k",
+            "--net",
+            "tap=vtap0",
+            "--net",
+            "tap=vtap1,mac=02:00:00:00:00:01,ip=10.9.0.1,mask=255.255.255.0",
+        ])
+        .into_vm_config(None)
+        .unwrap();
+        assert_eq!(c.nets.len(), 2);
+        assert_eq!(c.nets[0].tap, "vtap0");
+        assert_eq!(c.nets[1].mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(
+            c.nets[1].ip,
+            Some((
+                "10.9.0.1".parse().unwrap(),
+                "255.255.255.0".parse().unwrap()
+            ))
+        );
+        for bad in [
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=zz",
+            "tap=t,ip=10.0.0.1",
+            "tap=t,ip=300.0.0.1,mask=255.0.0.0",
+            "tap=t,vhost=on",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        let f = parse_config_file(
+            std::path::Path::new("vm.json"),
+            r#"{"kernel": "k", "nets": [{"tap": "t0", "mac": "02:01:02:03:04:05"}]}"#,
+        )
+        .unwrap();
+        let c = Cli::default().into_vm_config(Some(f)).unwrap();
+        assert_eq!(c.nets[0].mac, Some([2, 1, 2, 3, 4, 5]));
     }
 
     #[test]

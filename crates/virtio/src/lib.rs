@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod device;
+pub mod net;
 pub mod transport;
 
 pub use device::{

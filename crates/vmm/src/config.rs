@@ -24,6 +24,7 @@ pub struct PlatformConfig {
 }
 
 pub use virtio::block::BlockConfig as DiskConfig;
+pub use virtio::net::NetConfig;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -36,6 +37,7 @@ pub struct VmConfig {
     pub memory_thp: bool,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub platform: PlatformConfig,
 }
 
@@ -108,6 +110,7 @@ mod tests {
             memory_thp: true,
             serial: SerialConfig::Tty,
             disks: Vec::new(),
+            nets: Vec::new(),
             platform: PlatformConfig::default(),
         }
     }

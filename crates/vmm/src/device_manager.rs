@@ -74,6 +74,7 @@ pub struct DeviceManager {
     virtio_count: usize,
     /// Per-device counters, logged when the VM stops.
     block_metrics: Vec<(String, Arc<virtio::block::BlockMetrics>)>,
+    net_metrics: Vec<(String, Arc<virtio::net::NetMetrics>)>,
 }
 
 use virtio::transport::mmio::{
@@ -161,6 +162,7 @@ impl DeviceManager {
             virtio_mmio_cmdline: Vec::new(),
             virtio_count: 0,
             block_metrics: Vec::new(),
+            net_metrics: Vec::new(),
         })
     }
 
@@ -230,12 +232,22 @@ impl DeviceManager {
         self.block_metrics.push((what.to_string(), metrics));
     }
 
+    /// Keeps a network device's counters for the report at VM exit.
+    pub fn track_net_metrics(&mut self, what: &str, metrics: Arc<virtio::net::NetMetrics>) {
+        self.net_metrics.push((what.to_string(), metrics));
+    }
+
     /// What each device did, for the log when the VM stops.
     pub fn metrics_report(&self) -> Vec<String> {
-        self.block_metrics
+        let blocks = self
+            .block_metrics
             .iter()
-            .map(|(what, m)| format!("{what}: {m}"))
-            .collect()
+            .map(|(what, m)| format!("{what}: {m}"));
+        let nets = self
+            .net_metrics
+            .iter()
+            .map(|(what, m)| format!("{what}: {m}"));
+        blocks.chain(nets).collect()
     }
 
     pub fn virtio_mmio_cmdline(&self) -> &[String] {

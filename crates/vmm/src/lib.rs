@@ -8,5 +8,5 @@ pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{DiskConfig, PlatformConfig, SerialConfig, VmConfig};
+pub use config::{DiskConfig, NetConfig, PlatformConfig, SerialConfig, VmConfig};
 pub use vm::{run, ExitStatus, VmError};

@@ -23,6 +23,7 @@ use crate::memory::{MemoryError, MemoryManager, SystemAllocator};
 use crate::terminal::{spawn_stdin_reader, RawModeGuard};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use virtio::block::{Block, BlockError};
+use virtio::net::{Net, NetError};
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,8 @@ pub enum VmError {
     Device(#[from] DeviceError),
     #[error("--disk: {source}")]
     Disk { source: BlockError },
+    #[error("--net: {source}")]
+    Net { source: NetError },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot get KVM's supported CPUID: {0}")]
@@ -259,6 +262,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         .iter()
         .map(|d| Block::new(d).map_err(|source| VmError::Disk { source }))
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = config
+        .nets
+        .iter()
+        .map(|n| Net::new(n).map_err(|source| VmError::Net { source }))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
@@ -300,6 +308,19 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         )?),
         _ => None,
     };
+    for net in nets {
+        let what = format!("virtio-net {}", net.tap_name());
+        let mac = net.mac().map(|b| format!("{b:02x}")).join(":");
+        tracing::info!("{what}: guest MAC {mac}");
+        devices.track_net_metrics(&what, net.metrics());
+        devices.add_virtio_mmio(
+            &vm,
+            &mut allocator,
+            memory.guest_memory_atomic(),
+            Box::new(net),
+            &what,
+        )?;
+    }
     let pvm = arch::host_is_pvm();
     if pvm {
         tracing::info!(

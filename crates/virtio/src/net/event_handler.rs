@@ -1,0 +1,586 @@
+//! The virtio-net worker: one thread per activated device, in epoll over the transmit,
+//! receive and control queue notifications, the tap and a kill eventfd.
+//!
+//! Transmit: each chain (header + frame, device-readable) is checked and written to the tap
+//! with one writev. Receive: a frame read from the tap is filtered (MAC, promiscuous,
+//! multicast) and copied into the guest's buffers — several of them with MRG_RXBUF, its
+//! `num_buffers` telling the driver how many (§5.1.6.4). When the guest has posted no
+//! buffers the frame waits and the tap is not read again until the guest adds some: no busy
+//! loop, and no frame dropped by vireo.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::metrics::NetMetrics;
+use super::tap::{Tap, VNET_HDR_LEN};
+use crate::device::{ActivateContext, ActivateError, VirtioInterrupt, VirtioInterruptType};
+
+const RX: u16 = 0;
+const TX: u16 = 1;
+const CTRL: u16 = 2;
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_CTRL: u64 = 2;
+const TOKEN_TAP: u64 = 3;
+const TOKEN_KILL: u64 = 4;
+/// The largest frame the tap hands us: a 64 KiB GSO frame plus the header.
+const MAX_FRAME: usize = 65_562;
+/// The largest frame a guest may send: 64 KiB of payload, the Ethernet header and ours.
+const MAX_TX: u64 = 65_550 + VNET_HDR_LEN as u64;
+/// Longest control command we read.
+const MAX_CTRL: u64 = 4096;
+
+struct QueueIo {
+    index: u16,
+    queue: Queue,
+    /// Registered (edge-triggered) in epoll; kept open here.
+    _evt: EventFd,
+    used_since_signal: bool,
+}
+
+/// What the control queue set (§5.1.6.5).
+struct RxFilter {
+    mac: [u8; 6],
+    promisc: bool,
+    allmulti: bool,
+    unicast: Vec<[u8; 6]>,
+    multicast: Vec<[u8; 6]>,
+}
+
+impl RxFilter {
+    fn accepts(&self, dst: &[u8]) -> bool {
+        if self.promisc || dst.len() < 6 {
+            return true;
+        }
+        let dst: [u8; 6] = [dst[0], dst[1], dst[2], dst[3], dst[4], dst[5]];
+        if dst == [0xff; 6] || dst == self.mac {
+            return true;
+        }
+        if dst[0] & 1 == 1 {
+            self.allmulti || self.multicast.contains(&dst)
+        } else {
+            self.unicast.contains(&dst)
+        }
+    }
+}
+
+pub(super) struct Worker {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    rx: QueueIo,
+    tx: QueueIo,
+    ctrl: Option<QueueIo>,
+    mrg_rxbuf: bool,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    tap: Tap,
+    kill: EventFd,
+    epoll: Epoll,
+    filter: RxFilter,
+    /// A frame read from the tap that still waits for receive buffers.
+    pending: Option<usize>,
+    frame: Vec<u8>,
+    metrics: Arc<NetMetrics>,
+}
+
+type NewResult = Result<Worker, (Tap, ActivateError)>;
+
+impl Worker {
+    pub(super) fn new(
+        ctx: ActivateContext,
+        tap: Tap,
+        mac: [u8; 6],
+        metrics: Arc<NetMetrics>,
+        kill: EventFd,
+    ) -> NewResult {
+        let mrg_rxbuf = ctx.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let want_ctrl = ctx.acked_features & (1 << VIRTIO_NET_F_CTRL_VQ) != 0;
+        let mut rx = None;
+        let mut tx = None;
+        let mut ctrl = None;
+        for (index, queue, evt) in ctx.queues {
+            let q = QueueIo {
+                index,
+                queue,
+                _evt: evt,
+                used_since_signal: false,
+            };
+            match index {
+                RX => rx = Some(q),
+                TX => tx = Some(q),
+                CTRL if want_ctrl => ctrl = Some(q),
+                _ => {}
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err((tap, ActivateError::MissingQueue { index: RX }));
+        };
+        if want_ctrl && ctrl.is_none() {
+            return Err((tap, ActivateError::MissingQueue { index: CTRL }));
+        }
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                return Err((
+                    tap,
+                    ActivateError::Backend {
+                        reason: format!("epoll: {e}"),
+                    },
+                ))
+            }
+        };
+        let edge = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        let mut fds = vec![
+            (rx._evt.as_raw_fd(), TOKEN_RX, edge),
+            (tx._evt.as_raw_fd(), TOKEN_TX, edge),
+            (tap.fd(), TOKEN_TAP, edge),
+            (kill.as_raw_fd(), TOKEN_KILL, EventSet::IN),
+        ];
+        if let Some(c) = &ctrl {
+            fds.push((c._evt.as_raw_fd(), TOKEN_CTRL, edge));
+        }
+        for (fd, token, events) in fds {
+            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
+                return Err((
+                    tap,
+                    ActivateError::Backend {
+                        reason: format!("epoll: {e}"),
+                    },
+                ));
+            }
+        }
+        Ok(Worker {
+            mem: ctx.mem,
+            rx,
+            tx,
+            ctrl,
+            mrg_rxbuf,
+            interrupt: ctx.interrupt,
+            tap,
+            kill,
+            epoll,
+            filter: RxFilter {
+                mac,
+                // On until the driver says otherwise, as QEMU does: a driver without
+                // CTRL_RX still sees everything the tap delivers.
+                promisc: true,
+                allmulti: true,
+                unicast: Vec::new(),
+                multicast: Vec::new(),
+            },
+            pending: None,
+            frame: vec![0u8; MAX_FRAME],
+            metrics,
+        })
+    }
+
+    /// Runs until killed; returns the tap for the next activation.
+    pub(super) fn run(mut self) -> Tap {
+        self.process_tx();
+        self.process_rx();
+        if self.ctrl.is_some() {
+            self.process_ctrl();
+        }
+        self.signal_all();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("virtio-net: epoll failed, stopping the device: {e}");
+                    break;
+                }
+            };
+            let mut killed = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_TX => {
+                        NetMetrics::add(&self.metrics.notifications, 1);
+                        self.process_tx();
+                    }
+                    // New receive buffers, or new frames: both mean "deliver what we can".
+                    TOKEN_RX => {
+                        NetMetrics::add(&self.metrics.notifications, 1);
+                        self.process_rx();
+                    }
+                    TOKEN_TAP => self.process_rx(),
+                    TOKEN_CTRL => self.process_ctrl(),
+                    TOKEN_KILL => {
+                        let _ = self.kill.read();
+                        killed = true;
+                    }
+                    _ => {}
+                }
+            }
+            self.signal_all();
+            if killed {
+                break;
+            }
+        }
+        self.tap
+    }
+
+    fn signal_all(&mut self) {
+        let mem = self.mem.memory();
+        let interrupt = self.interrupt.clone();
+        let metrics = self.metrics.clone();
+        let signal = |q: &mut QueueIo| {
+            if !q.used_since_signal {
+                return;
+            }
+            q.used_since_signal = false;
+            if q.queue.needs_notification(&*mem).unwrap_or(true) {
+                NetMetrics::add(&metrics.interrupts, 1);
+                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
+                    tracing::error!("virtio-net: cannot signal the guest: {e}");
+                }
+            }
+        };
+        signal(&mut self.rx);
+        signal(&mut self.tx);
+        if let Some(c) = &mut self.ctrl {
+            signal(c);
+        }
+    }
+
+    /// Transmits every available chain (§5.1.6.2).
+    fn process_tx(&mut self) {
+        loop {
+            let mem = self.mem.memory();
+            while let Some(chain) = self.tx.queue.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let mut iovecs = Vec::new();
+                let mut total = 0u64;
+                let mut bad = false;
+                let mut truncated = false;
+                for d in chain {
+                    truncated = d.has_next();
+                    total += u64::from(d.len());
+                    if d.is_write_only() || total > MAX_TX {
+                        bad = true;
+                        break;
+                    }
+                    match mem.get_slice(d.addr(), d.len() as usize) {
+                        Ok(s) => iovecs.push(libc::iovec {
+                            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                            iov_len: d.len() as usize,
+                        }),
+                        Err(_) => {
+                            bad = true;
+                            break;
+                        }
+                    }
+                }
+                if bad || truncated || total <= VNET_HDR_LEN as u64 {
+                    rate_limited_warn("virtio-net: malformed transmit chain dropped");
+                    NetMetrics::add(&self.metrics.tx_dropped, 1);
+                } else {
+                    match self.tap.writev(&iovecs) {
+                        Ok(_) => {
+                            NetMetrics::add(&self.metrics.tx_frames, 1);
+                            NetMetrics::add(&self.metrics.tx_bytes, total - VNET_HDR_LEN as u64);
+                        }
+                        Err(e) => {
+                            rate_limited_warn(&format!("virtio-net: tap write failed: {e}"));
+                            NetMetrics::add(&self.metrics.tx_dropped, 1);
+                        }
+                    }
+                }
+                if self.tx.queue.add_used(&*mem, head, 0).is_ok() {
+                    self.tx.used_since_signal = true;
+                }
+            }
+            match self.tx.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+    }
+
+    /// Delivers frames from the tap while the guest has buffers for them.
+    fn process_rx(&mut self) {
+        loop {
+            let len = match self.pending.take() {
+                Some(len) => len,
+                None => match self.tap.read(&mut self.frame) {
+                    Ok(len) => len,
+                    // WouldBlock: the tap is drained; an edge will come with the next frame.
+                    Err(_) => return,
+                },
+            };
+            if len <= VNET_HDR_LEN {
+                continue;
+            }
+            if !self
+                .filter
+                .accepts(&self.frame[VNET_HDR_LEN..len.min(VNET_HDR_LEN + 6)])
+            {
+                NetMetrics::add(&self.metrics.rx_filtered, 1);
+                continue;
+            }
+            match self.deliver(len) {
+                Delivery::Done => {
+                    NetMetrics::add(&self.metrics.rx_frames, 1);
+                    NetMetrics::add(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                Delivery::TooBig => {
+                    rate_limited_warn("virtio-net: frame larger than the receive buffers dropped");
+                    NetMetrics::add(&self.metrics.rx_too_big, 1);
+                }
+                Delivery::NoBuffers => {
+                    // Keep the frame; the guest's next rx notification brings us back.
+                    NetMetrics::add(&self.metrics.rx_deferred, 1);
+                    self.pending = Some(len);
+                    let mem = self.mem.memory();
+                    match self.rx.queue.enable_notification(&*mem) {
+                        Ok(true) => continue, // buffers raced in
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `self.frame[..len]` into receive chains.
+    fn deliver(&mut self, len: usize) -> Delivery {
+        let mem = self.mem.memory();
+        let mut used: Vec<(u16, u32)> = Vec::new();
+        // Where the header's num_buffers (frame bytes 10 and 11) landed in guest memory.
+        let mut num_buffers_at: [Option<GuestAddress>; 2] = [None, None];
+        let mut off = 0usize;
+        while off < len {
+            let Some(chain) = self.rx.queue.pop_descriptor_chain(&*mem) else {
+                for _ in 0..used.len() {
+                    self.rx.queue.go_to_previous_position();
+                }
+                return Delivery::NoBuffers;
+            };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            let mut truncated = false;
+            for d in chain {
+                truncated = d.has_next();
+                if !d.is_write_only() || off >= len {
+                    continue;
+                }
+                let n = (d.len() as usize).min(len - off);
+                if mem
+                    .write_slice(&self.frame[off..off + n], d.addr())
+                    .is_err()
+                {
+                    break;
+                }
+                for (k, slot) in num_buffers_at.iter_mut().enumerate() {
+                    let at = 10 + k;
+                    if (off..off + n).contains(&at) {
+                        *slot = Some(GuestAddress(d.addr().0 + (at - off) as u64));
+                    }
+                }
+                off += n;
+                written += n as u32;
+            }
+            if truncated {
+                rate_limited_warn("virtio-net: truncated receive chain");
+            }
+            used.push((head, written));
+            if !self.mrg_rxbuf && off < len {
+                // One buffer per frame without MRG_RXBUF (§5.1.6.3.1): it must hold it all.
+                for _ in 0..used.len() {
+                    self.rx.queue.go_to_previous_position();
+                }
+                return Delivery::TooBig;
+            }
+            if written == 0 {
+                // A chain with no writable space cannot take anything: return it empty.
+                break;
+            }
+        }
+        if off < len {
+            for _ in 0..used.len() {
+                self.rx.queue.go_to_previous_position();
+            }
+            return Delivery::TooBig;
+        }
+        // num_buffers sits at offset 10 of virtio_net_hdr_v1 (§5.1.6.4).
+        let count = (used.len() as u16).to_le_bytes();
+        for (slot, byte) in num_buffers_at.iter().zip(count) {
+            if let Some(at) = slot {
+                let _ = mem.write_obj(byte, *at);
+            }
+        }
+        for (head, n) in used {
+            if self.rx.queue.add_used(&*mem, head, n).is_ok() {
+                self.rx.used_since_signal = true;
+            }
+        }
+        Delivery::Done
+    }
+
+    /// Control commands (§5.1.6.5): class, command, data, then a one-byte ack.
+    fn process_ctrl(&mut self) {
+        let Some(mut ctrl) = self.ctrl.take() else {
+            return;
+        };
+        loop {
+            let mem = self.mem.memory();
+            while let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let mut cmd = Vec::new();
+                let mut ack: Option<GuestAddress> = None;
+                let mut ok_shape = true;
+                for d in chain {
+                    if d.is_write_only() {
+                        if d.len() > 0 {
+                            ack = Some(GuestAddress(d.addr().0 + u64::from(d.len()) - 1));
+                        }
+                    } else if ack.is_some() || cmd.len() as u64 + u64::from(d.len()) > MAX_CTRL {
+                        ok_shape = false;
+                    } else {
+                        let start = cmd.len();
+                        cmd.resize(start + d.len() as usize, 0);
+                        if mem.read_slice(&mut cmd[start..], d.addr()).is_err() {
+                            ok_shape = false;
+                        }
+                    }
+                }
+                let result = if ok_shape && cmd.len() >= 2 {
+                    self.control(cmd[0], cmd[1], &cmd[2..])
+                } else {
+                    false
+                };
+                NetMetrics::add(
+                    if result {
+                        &self.metrics.ctrl_ok
+                    } else {
+                        &self.metrics.ctrl_err
+                    },
+                    1,
+                );
+                let mut len = 0;
+                if let Some(a) = ack {
+                    let v = if result {
+                        VIRTIO_NET_OK
+                    } else {
+                        VIRTIO_NET_ERR
+                    } as u8;
+                    if mem.write_obj(v, a).is_ok() {
+                        len = 1;
+                    }
+                }
+                if ctrl.queue.add_used(&*mem, head, len).is_ok() {
+                    ctrl.used_since_signal = true;
+                }
+            }
+            match ctrl.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.ctrl = Some(ctrl);
+    }
+
+    fn control(&mut self, class: u8, cmd: u8, data: &[u8]) -> bool {
+        match (u32::from(class), u32::from(cmd)) {
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC) if data.len() == 1 => {
+                self.filter.promisc = data[0] != 0;
+                true
+            }
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI) if data.len() == 1 => {
+                self.filter.allmulti = data[0] != 0;
+                true
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET) if data.len() == 6 => {
+                self.filter.mac.copy_from_slice(data);
+                true
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => {
+                // Two tables, each a u32 count and that many MACs (§5.1.6.5.2).
+                let table = |d: &[u8]| -> Option<(Vec<[u8; 6]>, usize)> {
+                    let n = u32::from_le_bytes(d.get(..4)?.try_into().ok()?) as usize;
+                    let bytes = n.checked_mul(6)?;
+                    let body = d.get(4..4 + bytes)?;
+                    let macs = body
+                        .chunks_exact(6)
+                        .map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]])
+                        .collect();
+                    Some((macs, 4 + bytes))
+                };
+                match table(data).and_then(|(uc, used)| {
+                    let (mc, used2) = table(&data[used..])?;
+                    (used + used2 == data.len()).then_some((uc, mc))
+                }) {
+                    Some((uc, mc)) => {
+                        self.filter.unicast = uc;
+                        self.filter.multicast = mc;
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => {
+                rate_limited_warn(&format!(
+                    "virtio-net: unsupported or malformed control command {class}/{cmd}"
+                ));
+                false
+            }
+        }
+    }
+}
+
+enum Delivery {
+    Done,
+    TooBig,
+    NoBuffers,
+}
+
+/// At most a few warnings per second: a hostile guest must not flood the host log.
+fn rate_limited_warn(msg: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
+        tracing::warn!("{msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_follows_the_control_settings() {
+        let mac = [0x02, 1, 2, 3, 4, 5];
+        let mut f = RxFilter {
+            mac,
+            promisc: false,
+            allmulti: false,
+            unicast: vec![],
+            multicast: vec![],
+        };
+        assert!(f.accepts(&mac));
+        assert!(f.accepts(&[0xff; 6]));
+        assert!(!f.accepts(&[0x02, 9, 9, 9, 9, 9]));
+        assert!(!f.accepts(&[0x01, 0, 0x5e, 0, 0, 1]));
+        f.allmulti = true;
+        assert!(f.accepts(&[0x01, 0, 0x5e, 0, 0, 1]));
+        f.unicast.push([0x02, 9, 9, 9, 9, 9]);
+        assert!(f.accepts(&[0x02, 9, 9, 9, 9, 9]));
+        f.promisc = true;
+        assert!(f.accepts(&[0x06, 7, 7, 7, 7, 7]));
+    }
+}
