@@ -301,3 +301,95 @@ fn a_disk_without_permission_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bad_network_interfaces() {
+    let elf = probe_elf();
+    let k = elf.to_str().unwrap();
+    assert_one_line_error(
+        &["--kernel", k, "--net", "tap=vbadmissing0"],
+        "tap vbadmissing0 does not exist",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--net", "tap=vbad0,mac=01:02:03:04:05:06"],
+        "not a valid MAC address",
+    );
+    assert_one_line_error(&["--kernel", k, "--net", "tap=vbad0,mac=nope"], "MAC");
+    assert_one_line_error(
+        &[
+            "--kernel",
+            k,
+            "--net",
+            "tap=a-name-much-too-long,ip=10.9.9.1,mask=255.255.255.0",
+        ],
+        "longer than 15 bytes",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--net", "ip=10.0.0.1"],
+        "tap=NAME is required",
+    );
+}
+
+#[test]
+fn a_busy_tap_is_refused() {
+    if !kvm_available("a_busy_tap_is_refused") {
+        return;
+    }
+    let elf = probe_elf();
+    let net = "tap=vbusy0,ip=10.211.0.1,mask=255.255.255.0";
+    let first = spawn(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--net",
+        net,
+        "--cmdline",
+        "probe.mode=echo",
+    ]);
+    assert!(
+        first
+            .wait_for_line(PROBE_TIMEOUT, |l| l == "probe: echo ready")
+            .is_some(),
+        "first VM did not start"
+    );
+    assert_one_line_error(
+        &["--kernel", elf.to_str().unwrap(), "--net", "tap=vbusy0"],
+        "tap vbusy0 is busy",
+    );
+    first.kill();
+    // vireo created the tap, so it is gone with the first VM.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!std::path::Path::new("/sys/class/net/vbusy0").exists());
+}
+
+#[test]
+fn a_tap_without_permission_is_refused() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("!!!!!!!! SKIPPED a_tap_without_permission_is_refused: needs root to drop privileges !!!!!!!!");
+        return;
+    }
+    let dir = scratch("perm-tap");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = dir.join("probe.elf");
+    std::fs::copy(probe_elf(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stderr) = vireo_via(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vireo_bin(),
+            "--kernel",
+            k.to_str().unwrap(),
+            "--net",
+            "tap=vperm0,ip=10.212.0.1,mask=255.255.255.0",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ermission denied") || stderr.contains("no permission"),
+        "{stderr}"
+    );
+}
