@@ -485,3 +485,197 @@ pub fn blk(root: &Path, vireo: &Path, guest: &Path, n: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// One network phase: frames/s, MB/s and VMM CPU µs per frame.
+#[derive(Clone, Copy, Debug)]
+struct NetPhase {
+    fps: f64,
+    mb_s: f64,
+    cpu_us_per_frame: f64,
+}
+
+const NET_FRAMES: u64 = 20_000;
+
+fn net_phases(s: &Sample) -> Result<Vec<NetPhase>> {
+    ["tx", "rx"]
+        .iter()
+        .map(|p| {
+            let find = |what: &str| {
+                s.marks
+                    .iter()
+                    .find(|(l, _, _)| l.starts_with(&format!("probe: net-bench phase={p} {what}")))
+            };
+            let (Some(start), Some(done)) = (find("start"), find("done")) else {
+                bail!("net phase {p} has no start/done lines");
+            };
+            let num = |k: &str| -> f64 {
+                done.0
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let (frames, bytes) = (num("frames"), num("bytes"));
+            let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
+            let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+            Ok(NetPhase {
+                fps: frames / secs,
+                mb_s: bytes / secs / 1e6,
+                cpu_us_per_frame: cpu_us / frames.max(1.0),
+            })
+        })
+        .collect()
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("{args:?} failed");
+    }
+    Ok(())
+}
+
+/// The host side of one guest run: a UDP sink counting what the guest sends, and a
+/// flooder that starts when the guest's rx phase starts.
+fn net_peer(
+    host: std::net::Ipv4Addr,
+    guest: std::net::Ipv4Addr,
+    size: usize,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sink = UdpSocket::bind((host, 5000))?;
+    sink.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let s1 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !s1.load(Ordering::Relaxed) {
+            let _ = sink.recv_from(&mut buf);
+        }
+    });
+    let s2 = stop.clone();
+    let flood = UdpSocket::bind((host, 0))?;
+    std::thread::spawn(move || {
+        let payload = vec![0x5au8; size];
+        // Paced bursts, so the tap queue (not the host CPU) decides what is dropped.
+        while !s2.load(Ordering::Relaxed) {
+            for _ in 0..64 {
+                let _ = flood.send_to(&payload, (guest, 4000));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    Ok(stop)
+}
+
+/// `cargo xtask bench net`: the probe guest's net-bench (UDP out, then a host flood in)
+/// with 64- and 1472-byte datagrams, in vireo and QEMU microvm (tap, vhost=off),
+/// interleaved; frames/s, MB/s and the VMM's CPU per frame.
+pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::Ordering;
+    ensure_qemu()?;
+    let (vh, vg) = (Ipv4Addr::new(10, 220, 0, 1), Ipv4Addr::new(10, 220, 0, 2));
+    let (qh, qg) = (Ipv4Addr::new(10, 220, 1, 1), Ipv4Addr::new(10, 220, 1, 2));
+    let qtap = "vbenchq0";
+    let _ = sh(&["ip", "link", "del", qtap]);
+    sh(&["ip", "tuntap", "add", "dev", qtap, "mode", "tap"])?;
+    sh(&["ip", "addr", "add", &format!("{qh}/24"), "dev", qtap])?;
+    sh(&["ip", "link", "set", qtap, "up"])?;
+    let marks = ["probe: net-bench phase="];
+    let mut results = Vec::new();
+    let mut run = || -> Result<()> {
+        for size in [64usize, 1472] {
+            let (mut v, mut q) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                eprint!("\rbench net: {size} B, run {}/{n}", i + 1);
+                let cmd = |ip: Ipv4Addr, host: Ipv4Addr| {
+                    format!(
+                        "probe.mode=net-bench probe.net.ip={ip} probe.net.host={host} probe.net.port=5000 probe.net.size={size} probe.net.count={NET_FRAMES} probe.exit=port:0xf4"
+                    )
+                };
+                let mut c = vireo_cmd(vireo, guest, &cmd(vg, vh));
+                c.arg("--net")
+                    .arg(format!("tap=vbenchv0,ip={vh},mask=255.255.255.0"));
+                // The tap appears when vireo starts; the peer binds once it exists.
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let binder = {
+                    let stop = stop.clone();
+                    std::thread::spawn(
+                        move || -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+                            let deadline = Instant::now() + Duration::from_secs(10);
+                            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                                if let Ok(s) = net_peer(vh, vg, size) {
+                                    return Some(s);
+                                }
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            None
+                        },
+                    )
+                };
+                let sample = timed_run(&mut c, &marks);
+                stop.store(true, Ordering::Relaxed);
+                if let Ok(Some(peer)) = binder.join() {
+                    peer.store(true, Ordering::Relaxed);
+                }
+                v.push(net_phases(&sample?)?);
+
+                let peer = net_peer(qh, qg, size)?;
+                let mut c = qemu_cmd(guest, &cmd(qg, qh), "microvm,acpi=off");
+                c.args(["-name", "bench,debug-threads=on"])
+                    .args(["-global", "virtio-mmio.force-legacy=false"])
+                    .arg("-netdev")
+                    .arg(format!(
+                        "tap,id=n0,ifname={qtap},script=no,downscript=no,vhost=off"
+                    ))
+                    .args(["-device", "virtio-net-device,netdev=n0"]);
+                let sample = timed_run(&mut c, &marks);
+                peer.store(true, Ordering::Relaxed);
+                q.push(net_phases(&sample?)?);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            results.push((size, v, q));
+        }
+        Ok(())
+    };
+    let outcome = run();
+    let _ = sh(&["ip", "link", "del", qtap]);
+    outcome?;
+    eprintln!();
+    println!("probe guest net-bench, {NET_FRAMES} UDP datagrams out, then a host flood in; {n} runs each, interleaved (median [min..max])");
+    for (size, v, q) in results {
+        for (i, phase) in ["tx", "rx"].iter().enumerate() {
+            let col = |r: &[Vec<NetPhase>], g: fn(&NetPhase) -> f64| -> Vec<f64> {
+                r.iter().map(|x| g(&x[i])).collect()
+            };
+            row(
+                &format!("{phase} {size} B frames/s"),
+                "f/s",
+                col(&v, |p| p.fps),
+                col(&q, |p| p.fps),
+                ">= 1.0x",
+            );
+            row(
+                &format!("{phase} {size} B MB/s"),
+                "MB/s",
+                col(&v, |p| p.mb_s),
+                col(&q, |p| p.mb_s),
+                "-",
+            );
+            row(
+                &format!("{phase} {size} B VMM CPU/frame"),
+                "us",
+                col(&v, |p| p.cpu_us_per_frame),
+                col(&q, |p| p.cpu_us_per_frame),
+                "<= 0.5x",
+            );
+        }
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! - `cargo xtask kit`   — build the guest kit only
 //! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, boot time, RSS, port-I/O exits
 //! - `cargo xtask bench blk [N]` — virtio-blk throughput and VMM CPU per request, with fio
+//! - `cargo xtask bench net [N]` — virtio-net frames/s both ways and VMM CPU per frame
 
 mod bench;
 mod kit;
@@ -121,7 +122,15 @@ fn main() -> Result<()> {
             let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(5);
             bench::blk(&root, &vireo, &kit.probe.elf, n)?;
         }
-        _ => bail!("usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N]"),
+        ["bench", "net", rest @ ..] => {
+            let vireo = build_vireo(&root)?;
+            let kit = build_kit(&root)?;
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(3);
+            bench::net(&vireo, &kit.probe.elf, n)?;
+        }
+        _ => bail!(
+            "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N] | bench net [N]"
+        ),
     }
     Ok(())
 }
