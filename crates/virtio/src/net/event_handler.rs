@@ -85,6 +85,9 @@ pub(super) struct Worker {
     filter: RxFilter,
     /// A frame read from the tap that still waits for receive buffers.
     pending: Option<usize>,
+    /// Whether epoll watches the tap; not while the guest has no receive buffers, so a
+    /// flood then costs no wake-ups at all.
+    tap_armed: bool,
     frame: Vec<u8>,
     metrics: Arc<NetMetrics>,
 }
@@ -175,6 +178,7 @@ impl Worker {
                 multicast: Vec::new(),
             },
             pending: None,
+            tap_armed: true,
             frame: vec![0u8; MAX_FRAME],
             metrics,
         })
@@ -208,6 +212,7 @@ impl Worker {
                     // New receive buffers, or new frames: both mean "deliver what we can".
                     TOKEN_RX => {
                         NetMetrics::add(&self.metrics.notifications, 1);
+                        self.arm_tap(true);
                         self.process_rx();
                     }
                     TOKEN_TAP => self.process_rx(),
@@ -335,16 +340,41 @@ impl Worker {
                     NetMetrics::add(&self.metrics.rx_too_big, 1);
                 }
                 Delivery::NoBuffers => {
-                    // Keep the frame; the guest's next rx notification brings us back.
+                    // Keep the frame and stop watching the tap; the guest's next receive
+                    // notification brings us back.
                     NetMetrics::add(&self.metrics.rx_deferred, 1);
                     self.pending = Some(len);
-                    let mem = self.mem.memory();
-                    match self.rx.queue.enable_notification(&*mem) {
-                        Ok(true) => continue, // buffers raced in
-                        _ => return,
+                    let raced = {
+                        let mem = self.mem.memory();
+                        matches!(self.rx.queue.enable_notification(&*mem), Ok(true))
+                    };
+                    if raced {
+                        continue;
                     }
+                    self.arm_tap(false);
+                    return;
                 }
             }
+        }
+    }
+
+    fn arm_tap(&mut self, on: bool) {
+        if self.tap_armed == on {
+            return;
+        }
+        let events = if on {
+            EventSet::IN | EventSet::EDGE_TRIGGERED
+        } else {
+            EventSet::empty()
+        };
+        // MOD re-checks readiness, so frames that queued while disarmed wake us at once.
+        match self.epoll.ctl(
+            ControlOperation::Modify,
+            self.tap.fd(),
+            EpollEvent::new(events, TOKEN_TAP),
+        ) {
+            Ok(()) => self.tap_armed = on,
+            Err(e) => tracing::error!("virtio-net: epoll on the tap: {e}"),
         }
     }
 
