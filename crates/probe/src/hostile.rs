@@ -16,7 +16,7 @@ const SCRATCH: u64 = 4 * 64 * 1024;
 
 /// A guest-physical address with no RAM: 0x7_0000_0000, or the first 4 GiB boundary above
 /// all RAM the memory map names.
-fn outside_ram() -> u64 {
+pub fn outside_ram() -> u64 {
     let top = crate::bootinfo::get()
         .regions()
         .iter()

@@ -11,6 +11,9 @@ mod blk;
 mod bootinfo;
 mod dsdt;
 mod hostile;
+mod inet;
+mod net;
+mod nethostile;
 mod phys;
 mod serial;
 mod smp;
@@ -51,6 +54,8 @@ enum Mode {
     Blk,
     BlkBench,
     BlkHostile,
+    Net(net::Mode),
+    NetHostile,
 }
 
 #[derive(Clone, Copy)]
@@ -100,6 +105,11 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"blk" => Mode::Blk,
                 b"blk-bench" => Mode::BlkBench,
                 b"blk-hostile" => Mode::BlkHostile,
+                b"net-ping" => Mode::Net(net::Mode::Ping),
+                b"net-udp" => Mode::Net(net::Mode::Udp),
+                b"net-ctrl" => Mode::Net(net::Mode::Ctrl),
+                b"net-bench" => Mode::Net(net::Mode::Bench),
+                b"net-hostile" => Mode::NetHostile,
                 _ => Mode::Boot,
             };
         } else if let Some(v) = w.strip_prefix(b"probe.exit=") {
@@ -164,6 +174,8 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::Blk => pass = blk::run(boot.cmdline()),
         Mode::BlkBench => pass = blk::bench(boot.cmdline()),
         Mode::BlkHostile => pass = hostile::run(boot.cmdline()),
+        Mode::Net(m) => pass = net::run(m, boot.cmdline()),
+        Mode::NetHostile => pass = nethostile::run(boot.cmdline()),
         Mode::Boot => report(boot),
         Mode::Echo => echo(),
         Mode::Pio => pio(o.count),

@@ -46,7 +46,7 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const D_NEXT: u16 = 1;
 pub const D_WRITE: u16 = 2;
 
-/// The largest queue the probe sets up.
+/// The largest queue `Mmio::queue` sets up (virtio-net's queues go to 256).
 pub const MAX_QUEUE: u16 = 128;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,6 +281,14 @@ impl Mmio {
     /// Reset, ACKNOWLEDGE, DRIVER, features (those in `wanted` the device offers),
     /// FEATURES_OK, and FEATURES_OK read back (section 3.1.1). Returns (offered, accepted).
     pub fn negotiate(&self, wanted: u64) -> Result<(u64, u64), &'static str> {
+        self.negotiate_with(|offered| offered & wanted)
+    }
+
+    /// `negotiate`, with the accepted features chosen by `choose` from those offered.
+    pub fn negotiate_with(
+        &self,
+        choose: impl FnOnce(u64) -> u64,
+    ) -> Result<(u64, u64), &'static str> {
         if !self.reset() {
             return Err("reset: status did not read back 0");
         }
@@ -291,7 +299,7 @@ impl Mmio {
             self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FAILED);
             return Err("device does not offer VERSION_1");
         }
-        let accepted = offered & wanted;
+        let accepted = choose(offered);
         self.driver_features(accepted);
         self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
         if self.status() & S_FEATURES_OK == 0 {
@@ -304,17 +312,30 @@ impl Mmio {
     /// Sets up queue 0 in `mem` (zeroed here) with min(QueueNumMax, 128) entries, rounded
     /// down to a power of two, and sets QueueReady.
     pub fn queue(&self, mem: QueueMem, event_idx: bool) -> Result<Queue, &'static str> {
-        self.wr(R_QUEUE_SEL, 0);
+        self.queue_at(0, MAX_QUEUE, mem, event_idx)
+    }
+
+    /// Sets up queue `index` in `mem` (zeroed here) with min(QueueNumMax, `max`) entries
+    /// (`max` at most 256, what three pages hold), rounded down to a power of two, and sets
+    /// QueueReady.
+    pub fn queue_at(
+        &self,
+        index: u32,
+        max: u16,
+        mem: QueueMem,
+        event_idx: bool,
+    ) -> Result<Queue, &'static str> {
+        self.wr(R_QUEUE_SEL, index);
         if self.rd(R_QUEUE_READY) != 0 {
-            return Err("queue 0 ready before set-up");
+            return Err("queue ready before set-up");
         }
-        let max = self.rd(R_QUEUE_NUM_MAX);
-        if max < 4 {
+        let num_max = self.rd(R_QUEUE_NUM_MAX);
+        if num_max < 4 {
             // Header, data and status need three descriptors; a power of two, four.
-            return Err("queue 0 too small (QueueNumMax below 4)");
+            return Err("queue too small (QueueNumMax below 4)");
         }
-        let mut size = MAX_QUEUE;
-        while size as u32 > max {
+        let mut size = max.min(256);
+        while size as u32 > num_max {
             size /= 2;
         }
         phys::zero(mem.desc, QueueMem::BYTES);
@@ -326,6 +347,7 @@ impl Mmio {
         }
         Ok(Queue {
             size,
+            index,
             desc: mem.desc,
             avail: mem.avail,
             used: mem.used,
@@ -361,7 +383,8 @@ impl Mmio {
     }
 }
 
-/// Where a queue lives: three pages below 4 GiB (descriptor table, driver area, device area).
+/// Where a queue lives: three pages below 4 GiB (descriptor table, driver area, device area),
+/// enough for 256 entries.
 #[derive(Clone, Copy)]
 pub struct QueueMem {
     pub desc: u64,
@@ -385,6 +408,8 @@ impl QueueMem {
 /// A split virtqueue (section 2.7) driven by polling.
 pub struct Queue {
     pub size: u16,
+    /// The queue's index (the value written to QueueNotify).
+    pub index: u32,
     desc: u64,
     avail: u64,
     used: u64,
@@ -460,7 +485,7 @@ impl Queue {
             };
             self.kicked = new;
             if notify {
-                phys::mmio_write32(self.notify, 0);
+                phys::mmio_write32(self.notify, self.index);
                 self.notifies += 1;
             }
         }
@@ -494,6 +519,56 @@ impl Queue {
         let e = unsafe { ((self.used + 4 + 8 * slot) as *const u64).read_volatile() };
         self.last_used = self.last_used.wrapping_add(1);
         (e as u32, (e >> 32) as u32)
+    }
+
+    /// Takes up to `n` used elements (that `ready` counted) while `keep(id, len)` accepts
+    /// them and the id is a descriptor of the queue, making each head available again at
+    /// once (not yet published: `kick`). Returns how many; the first refused is left. The
+    /// ring state stays in registers: a few instructions per element.
+    #[inline(always)]
+    pub fn recycle(&mut self, n: u16, mut keep: impl FnMut(u32, u32) -> bool) -> u16 {
+        let mask = self.size - 1;
+        let (mut last, mut ai, mut done) = (self.last_used, self.avail_idx, 0u16);
+        while done < n {
+            let slot = (last & mask) as u64;
+            // SAFETY: inside the used ring.
+            let e = unsafe { ((self.used + 4 + 8 * slot) as *const u64).read_volatile() };
+            let id = e as u32;
+            if id >= self.size as u32 || !keep(id, (e >> 32) as u32) {
+                break;
+            }
+            let a = (ai & mask) as u64;
+            // SAFETY: inside the driver area.
+            unsafe { ((self.avail + 4 + 2 * a) as *mut u16).write_volatile(id as u16) };
+            last = last.wrapping_add(1);
+            ai = ai.wrapping_add(1);
+            done += 1;
+        }
+        self.last_used = last;
+        self.avail_idx = ai;
+        done
+    }
+
+    /// For a driver's own loop over the rings: (used ring entries, avail ring entries,
+    /// next used index to read, next avail index). `advance` then records what it did.
+    pub fn rings(&self) -> (u64, u64, u16, u16) {
+        (
+            self.used + 4,
+            self.avail + 4,
+            self.last_used,
+            self.avail_idx,
+        )
+    }
+
+    /// `n` used elements taken and their heads made available again (see `rings`).
+    pub fn advance(&mut self, n: u16) {
+        self.last_used = self.last_used.wrapping_add(n);
+        self.avail_idx = self.avail_idx.wrapping_add(n);
+    }
+
+    /// Drops `n` used elements (that `ready` counted) unread.
+    pub fn discard(&mut self, n: u16) {
+        self.last_used = self.last_used.wrapping_add(n);
     }
 
     /// The next used element (id, len), if the device has returned one.

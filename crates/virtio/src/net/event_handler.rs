@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -85,6 +85,8 @@ pub(super) struct Worker {
     filter: RxFilter,
     /// A frame read from the tap that still waits for receive buffers.
     pending: Option<usize>,
+    /// Receive chains taken for a frame that did not fit in them alone.
+    rx_reserved: std::collections::VecDeque<RxChain>,
     /// Whether epoll watches the tap; not while the guest has no receive buffers, so a
     /// flood then costs no wake-ups at all.
     tap_armed: bool,
@@ -178,6 +180,7 @@ impl Worker {
                 multicast: Vec::new(),
             },
             pending: None,
+            rx_reserved: std::collections::VecDeque::new(),
             tap_armed: true,
             frame: vec![0u8; MAX_FRAME],
             metrics,
@@ -344,6 +347,8 @@ impl Worker {
                     // notification brings us back.
                     NetMetrics::add(&self.metrics.rx_deferred, 1);
                     self.pending = Some(len);
+                    // Every chain on the ring is reserved, so "new buffers" from here on
+                    // means the driver added some and notified us.
                     let raced = {
                         let mem = self.mem.memory();
                         matches!(self.rx.queue.enable_notification(&*mem), Ok(true))
@@ -378,65 +383,95 @@ impl Worker {
         }
     }
 
-    /// Copies `self.frame[..len]` into receive chains.
-    fn deliver(&mut self, len: usize) -> Delivery {
+    /// Takes the next receive chain off the ring as a list of its writable buffers.
+    fn pop_rx_chain(&mut self) -> Option<RxChain> {
         let mem = self.mem.memory();
+        let chain = self.rx.queue.pop_descriptor_chain(&*mem)?;
+        let head = chain.head_index();
+        let mut segs = Vec::new();
+        let mut cap = 0usize;
+        for d in chain {
+            if segs.len() >= usize::from(RX_MAX_SEGS) {
+                break;
+            }
+            if d.is_write_only() && d.len() > 0 && mem.check_range(d.addr(), d.len() as usize) {
+                segs.push((d.addr(), d.len()));
+                cap += d.len() as usize;
+            }
+        }
+        Some(RxChain { head, segs, cap })
+    }
+
+    /// Returns a chain to the driver unused (it cannot hold anything we have to give).
+    fn return_empty(&mut self, head: u16) {
+        let mem = self.mem.memory();
+        if self.rx.queue.add_used(&*mem, head, 0).is_ok() {
+            self.rx.used_since_signal = true;
+        }
+    }
+
+    /// Copies `self.frame[..len]` into receive chains. Chains taken from the ring for a
+    /// frame that did not fit yet stay reserved for it, so the ring is never rewound and the
+    /// driver's next buffers always notify us (§2.7.10).
+    fn deliver(&mut self, len: usize) -> Delivery {
+        let mut cap: usize = self.rx_reserved.iter().map(|c| c.cap).sum();
+        loop {
+            let enough = if self.mrg_rxbuf {
+                cap >= len
+            } else {
+                !self.rx_reserved.is_empty()
+            };
+            if enough {
+                break;
+            }
+            match self.pop_rx_chain() {
+                Some(c) if c.cap == 0 => self.return_empty(c.head),
+                Some(c) => {
+                    cap += c.cap;
+                    self.rx_reserved.push_back(c);
+                }
+                None => return Delivery::NoBuffers,
+            }
+        }
+        if !self.mrg_rxbuf {
+            // One buffer per frame without MRG_RXBUF (§5.1.6.3.1): it must hold it all.
+            if let Some(c) = self.rx_reserved.front() {
+                if c.cap < len {
+                    let head = c.head;
+                    self.rx_reserved.pop_front();
+                    self.return_empty(head);
+                    return Delivery::TooBig;
+                }
+            }
+        }
+        let mem = self.mem.memory();
+        let mut off = 0usize;
         let mut used: Vec<(u16, u32)> = Vec::new();
         // Where the header's num_buffers (frame bytes 10 and 11) landed in guest memory.
         let mut num_buffers_at: [Option<GuestAddress>; 2] = [None, None];
-        let mut off = 0usize;
         while off < len {
-            let Some(chain) = self.rx.queue.pop_descriptor_chain(&*mem) else {
-                for _ in 0..used.len() {
-                    self.rx.queue.go_to_previous_position();
-                }
-                return Delivery::NoBuffers;
+            let Some(c) = self.rx_reserved.pop_front() else {
+                break;
             };
-            let head = chain.head_index();
             let mut written = 0u32;
-            let mut truncated = false;
-            for d in chain {
-                truncated = d.has_next();
-                if !d.is_write_only() || off >= len {
-                    continue;
+            for &(addr, seg_len) in &c.segs {
+                if off >= len {
+                    break;
                 }
-                let n = (d.len() as usize).min(len - off);
-                if mem
-                    .write_slice(&self.frame[off..off + n], d.addr())
-                    .is_err()
-                {
+                let n = (seg_len as usize).min(len - off);
+                if mem.write_slice(&self.frame[off..off + n], addr).is_err() {
                     break;
                 }
                 for (k, slot) in num_buffers_at.iter_mut().enumerate() {
                     let at = 10 + k;
                     if (off..off + n).contains(&at) {
-                        *slot = Some(GuestAddress(d.addr().0 + (at - off) as u64));
+                        *slot = Some(GuestAddress(addr.0 + (at - off) as u64));
                     }
                 }
                 off += n;
                 written += n as u32;
             }
-            if truncated {
-                rate_limited_warn("virtio-net: truncated receive chain");
-            }
-            used.push((head, written));
-            if !self.mrg_rxbuf && off < len {
-                // One buffer per frame without MRG_RXBUF (§5.1.6.3.1): it must hold it all.
-                for _ in 0..used.len() {
-                    self.rx.queue.go_to_previous_position();
-                }
-                return Delivery::TooBig;
-            }
-            if written == 0 {
-                // A chain with no writable space cannot take anything: return it empty.
-                break;
-            }
-        }
-        if off < len {
-            for _ in 0..used.len() {
-                self.rx.queue.go_to_previous_position();
-            }
-            return Delivery::TooBig;
+            used.push((c.head, written));
         }
         // num_buffers sits at offset 10 of virtio_net_hdr_v1 (§5.1.6.4).
         let count = (used.len() as u16).to_le_bytes();
@@ -449,6 +484,10 @@ impl Worker {
             if self.rx.queue.add_used(&*mem, head, n).is_ok() {
                 self.rx.used_since_signal = true;
             }
+        }
+        if off < len {
+            // A buffer failed to take its share (a write outside memory): the frame is lost.
+            return Delivery::TooBig;
         }
         Delivery::Done
     }
@@ -563,6 +602,16 @@ impl Worker {
         }
     }
 }
+
+/// A receive chain off the ring: its writable buffers and their total size.
+struct RxChain {
+    head: u16,
+    segs: Vec<(GuestAddress, u32)>,
+    cap: usize,
+}
+
+/// Descriptors we follow in one receive chain.
+const RX_MAX_SEGS: u16 = 64;
 
 enum Delivery {
     Done,
