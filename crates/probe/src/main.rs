@@ -109,6 +109,7 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"net-udp" => Mode::Net(net::Mode::Udp),
                 b"net-ctrl" => Mode::Net(net::Mode::Ctrl),
                 b"net-bench" => Mode::Net(net::Mode::Bench),
+                b"net-idle" => Mode::Net(net::Mode::Idle),
                 b"net-hostile" => Mode::NetHostile,
                 _ => Mode::Boot,
             };

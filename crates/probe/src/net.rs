@@ -1362,6 +1362,7 @@ pub enum Mode {
     Udp,
     Ctrl,
     Bench,
+    Idle,
 }
 
 /// `probe.mode=net-ping|net-udp|net-ctrl|net-bench`. Returns false when anything failed.
@@ -1376,6 +1377,7 @@ pub fn run(mode: Mode, cmdline: &'static [u8]) -> bool {
         Mode::Udp => udp_mode(&mut n, &o, &mut arena),
         Mode::Ctrl => ctrl_mode(&mut n, &o),
         Mode::Bench => bench_mode(&mut n, &o),
+        Mode::Idle => idle_mode(&mut n, &o),
     };
     n.m.reset();
     match r {
@@ -1402,6 +1404,46 @@ pub fn arp_and_ping(n: &mut Net, o: &Opts, count: u64) -> Result<bool, &'static 
         );
     }
     Ok(got == count)
+}
+
+/// `net-idle`: after ARP, stops reading the receive ring for `probe.net.wait` ms while the
+/// host sends (the posted buffers fill up and the device must hold the rest), then counts
+/// the UDP datagrams that still arrive, until `count` or 2 s of silence.
+fn idle_mode(n: &mut Net, o: &Opts) -> Result<bool, &'static str> {
+    if !n.arp()? {
+        say!("probe: error net arp: no reply from the host");
+        return Ok(false);
+    }
+    say!("probe: net-idle start");
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < ms(o.wait_ms) {
+        core::hint::spin_loop();
+    }
+    say!("probe: net-idle resume");
+    let want = o.count.unwrap_or(u64::MAX);
+    let got = Cell::new(0u64);
+    let bytes = Cell::new(0u64);
+    loop {
+        let before = got.get();
+        let done = n.run_until(
+            ms(2000),
+            &mut |p: &[u8]| {
+                got.set(got.get() + 1);
+                bytes.set(bytes.get() + p.len() as u64);
+            },
+            &mut |_| got.get() >= want,
+        )?;
+        if done || got.get() == before {
+            break;
+        }
+    }
+    say!(
+        "probe: net-idle received=",
+        Dec(got.get()),
+        " bytes=",
+        Dec(bytes.get())
+    );
+    Ok(true)
 }
 
 fn ping_mode(n: &mut Net, o: &Opts) -> Result<bool, &'static str> {

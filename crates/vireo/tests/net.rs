@@ -266,3 +266,143 @@ fn two_nics_at_once() {
         Some("2")
     );
 }
+
+/// CPU nanoseconds used by vireo's threads other than its vCPUs (schedstat).
+fn vmm_cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            !std::fs::read_to_string(t.path().join("comm"))
+                .unwrap_or_default()
+                .starts_with("vcpu")
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn udp_sender(host: Ipv4Addr) -> UdpSocket {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UdpSocket::bind((host, 0)) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("cannot bind a sender on {host}: {e}"),
+        }
+    }
+}
+
+/// While the guest reads nothing, a flood fills its buffers: vireo must then stop
+/// reading the tap rather than spin (a generous bound: under 5% of a core over 2 s).
+#[test]
+fn a_flood_without_receive_buffers_does_not_make_vireo_spin() {
+    if !kvm_available("a_flood_without_receive_buffers_does_not_make_vireo_spin") {
+        return;
+    }
+    let l = link(8);
+    let running = run(vec![
+        "--net".into(),
+        l.net_arg(""),
+        "--cmdline".into(),
+        l.cmdline("net-idle", "probe.net.wait=4000 probe.net.count=1"),
+    ]);
+    assert!(
+        running
+            .wait_for_line(PROBE_TIMEOUT, |x| x == "probe: net-idle start")
+            .is_some(),
+        "the guest never went idle"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (stop, sock, guest) = (stop.clone(), udp_sender(l.host), l.guest);
+        std::thread::spawn(move || {
+            let payload = [0x33u8; 1000];
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..32 {
+                    let _ = sock.send_to(&payload, (guest, 4000));
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let before = vmm_cpu_ns(running.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = vmm_cpu_ns(running.pid()) - before;
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let r = running.finish(PROBE_TIMEOUT);
+    r.assert_probe_ok();
+    assert!(
+        used < 100_000_000,
+        "vireo used {} ms of CPU in 2 s while the guest posted no buffers",
+        used / 1_000_000
+    );
+    assert!(
+        buffer_waits(&r.stderr) > 0,
+        "the guest's buffers never ran out: {}",
+        r.stderr
+    );
+}
+
+/// The "N waits for buffers" count from vireo's exit report.
+fn buffer_waits(stderr: &str) -> u64 {
+    stderr
+        .split(" waits for buffers")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Frames that arrive while the guest's buffers are full are held (the one vireo read
+/// waits in vireo, the rest in the tap's queue) and all delivered once buffers come back.
+#[test]
+fn nothing_is_dropped_by_vireo_while_the_guest_has_no_buffers() {
+    if !kvm_available("nothing_is_dropped_by_vireo_while_the_guest_has_no_buffers") {
+        return;
+    }
+    let l = link(9);
+    let sent = 300;
+    let running = run(vec![
+        "--net".into(),
+        l.net_arg(""),
+        "--cmdline".into(),
+        l.cmdline(
+            "net-idle",
+            &format!("probe.net.wait=3000 probe.net.count={sent}"),
+        ),
+    ]);
+    assert!(
+        running
+            .wait_for_line(PROBE_TIMEOUT, |x| x == "probe: net-idle start")
+            .is_some(),
+        "the guest never went idle"
+    );
+    let sock = udp_sender(l.host);
+    for i in 0..sent {
+        let payload = [i as u8; 1000];
+        sock.send_to(&payload, (l.guest, 4000)).unwrap();
+        // Paced so the host's own queues never overflow.
+        if i % 32 == 31 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let r = running.finish(PROBE_TIMEOUT);
+    r.assert_probe_ok();
+    assert_eq!(
+        r.field("probe: net-idle received", "received"),
+        Some(sent.to_string()),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        buffer_waits(&r.stderr) > 0,
+        "the guest's buffers never ran out: {}",
+        r.stderr
+    );
+}
