@@ -640,6 +640,94 @@ fn rate_limited_warn(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::DeviceNeedsReset;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixDatagram;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    struct NoIrq;
+    impl VirtioInterrupt for NoIrq {
+        fn trigger(&self, _: VirtioInterruptType) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// Malformed transmit chains are completed and dropped, a good one reaches the "tap",
+    /// and nothing panics.
+    #[test]
+    fn malformed_transmit_chains_are_dropped() {
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+        mem.write_slice(&[0xee; 74], GuestAddress(0x40_0000))
+            .unwrap();
+        txq.add_desc_chains(
+            &[
+                // Header in a device-writable buffer.
+                desc(0x40_0000, 12, NEXT | WRITE, 1),
+                desc(0x40_1000, 60, 0, 0),
+                // Only part of a header.
+                desc(0x40_0000, 4, 0, 0),
+                // Data outside guest memory.
+                desc(0x40_0000, 12, NEXT, 4),
+                desc(0x7_0000_0000, 60, 0, 0),
+                // Longer than any frame.
+                desc(0x40_0000, 12, NEXT, 6),
+                desc(0x0, 0xf0_0000, 0, 0),
+                // A good frame: header and 62 bytes.
+                desc(0x40_0000, 12, NEXT, 8),
+                desc(0x40_1000, 62, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        // SAFETY: the descriptor is ours alone from here on.
+        let file = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(ours)) };
+        let tap = Tap::from_file(file, "test");
+        let irq: Arc<dyn VirtioInterrupt> = Arc::new(NoIrq);
+        let queues = vec![
+            (RX, rxq.create_queue().unwrap(), EventFd::new(0).unwrap()),
+            (TX, txq.create_queue().unwrap(), EventFd::new(0).unwrap()),
+        ];
+        let ctx = ActivateContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            acked_features: 0,
+            queues,
+            interrupt: irq.clone(),
+            needs_reset: DeviceNeedsReset::new(irq),
+        };
+        let metrics = Arc::new(NetMetrics::default());
+        let Ok(mut w) = Worker::new(
+            ctx,
+            tap,
+            [2, 0, 0, 0, 0, 1],
+            metrics.clone(),
+            EventFd::new(0).unwrap(),
+        ) else {
+            panic!("worker");
+        };
+        w.process_tx();
+        assert_eq!(txq.used().idx().load(), 5, "every chain is returned");
+        assert_eq!(NetMetrics::get(&metrics.tx_dropped), 4);
+        assert_eq!(NetMetrics::get(&metrics.tx_frames), 1);
+        let mut buf = [0u8; 256];
+        assert_eq!(theirs.recv(&mut buf).unwrap(), 74);
+        assert!(
+            theirs.recv(&mut buf).is_err(),
+            "only the good frame went out"
+        );
+    }
 
     #[test]
     fn filter_follows_the_control_settings() {

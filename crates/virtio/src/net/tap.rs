@@ -206,6 +206,16 @@ impl Tap {
         Ok(())
     }
 
+    /// A stand-in for a tap on any descriptor (a socketpair end in tests).
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, name: &str) -> Self {
+        Tap {
+            file,
+            name: name.to_string(),
+            supported_offloads: 0,
+        }
+    }
+
     pub fn supported_offloads(&self) -> u32 {
         self.supported_offloads
     }
