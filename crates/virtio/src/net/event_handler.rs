@@ -506,9 +506,15 @@ impl Worker {
                 let mut ok_shape = true;
                 for d in chain {
                     if d.is_write_only() {
-                        if d.len() > 0 {
-                            ack = Some(GuestAddress(d.addr().0 + u64::from(d.len()) - 1));
-                        }
+                        // The ack is the last device-writable byte; a buffer that wraps the
+                        // address space has none (the write below then fails harmlessly).
+                        ack = d
+                            .addr()
+                            .0
+                            .checked_add(u64::from(d.len()))
+                            .and_then(|end| end.checked_sub(1))
+                            .filter(|_| d.len() > 0)
+                            .map(GuestAddress);
                     } else if ack.is_some() || cmd.len() as u64 + u64::from(d.len()) > MAX_CTRL {
                         ok_shape = false;
                     } else {
