@@ -331,28 +331,36 @@ struct Phase {
     cpu_us_per_req: f64,
 }
 
+/// A phase between a `{prefix}{phase} start` and a `{prefix}{phase} done ...` line: its
+/// length in seconds, the VMM's non-vCPU CPU µs in it, and the done line.
+fn phase_window<'a>(s: &'a Sample, prefix: &str, phase: &str) -> Result<(f64, f64, &'a str)> {
+    let find = |what: &str| {
+        s.marks
+            .iter()
+            .find(|(l, _, _)| l.starts_with(&format!("{prefix}{phase} {what}")))
+    };
+    let (Some(start), Some(done)) = (find("start"), find("done")) else {
+        bail!("phase {phase} has no start/done lines");
+    };
+    let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
+    let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+    Ok((secs, cpu_us, &done.0))
+}
+
+/// `key=N` from a probe line, 0 when absent.
+fn line_num(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn phases(s: &Sample) -> Result<Vec<Phase>> {
     BLK_PHASES
         .iter()
         .map(|p| {
-            let find = |what: &str| {
-                s.marks
-                    .iter()
-                    .find(|(l, _, _)| l.starts_with(&format!("probe: blk-bench phase={p} {what}")))
-            };
-            let (Some(start), Some(done)) = (find("start"), find("done")) else {
-                bail!("phase {p} has no start/done lines");
-            };
-            let num = |k: &str| -> f64 {
-                done.0
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0)
-            };
-            let (bytes, reqs) = (num("bytes"), num("requests"));
-            let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
-            let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+            let (secs, cpu_us, done) = phase_window(s, "probe: blk-bench phase=", p)?;
+            let (bytes, reqs) = (line_num(done, "bytes"), line_num(done, "requests"));
             Ok(Phase {
                 mb_s: bytes / secs / 1e6,
                 iops: reqs / secs,
@@ -500,24 +508,8 @@ fn net_phases(s: &Sample) -> Result<Vec<NetPhase>> {
     ["tx", "rx"]
         .iter()
         .map(|p| {
-            let find = |what: &str| {
-                s.marks
-                    .iter()
-                    .find(|(l, _, _)| l.starts_with(&format!("probe: net-bench phase={p} {what}")))
-            };
-            let (Some(start), Some(done)) = (find("start"), find("done")) else {
-                bail!("net phase {p} has no start/done lines");
-            };
-            let num = |k: &str| -> f64 {
-                done.0
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0)
-            };
-            let (frames, bytes) = (num("frames"), num("bytes"));
-            let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
-            let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+            let (secs, cpu_us, done) = phase_window(s, "probe: net-bench phase=", p)?;
+            let (frames, bytes) = (line_num(done, "frames"), line_num(done, "bytes"));
             Ok(NetPhase {
                 fps: frames / secs,
                 mb_s: bytes / secs / 1e6,

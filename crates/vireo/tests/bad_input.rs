@@ -155,31 +155,12 @@ fn serial_file_receives_the_console() {
 /// mount namespace where /dev has no kvm node at all.
 #[test]
 fn no_kvm_device_or_no_permission() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("!!!!!!!! SKIPPED no_kvm_device_or_no_permission: needs root to drop privileges !!!!!!!!");
-        return;
-    }
-    let elf = probe_elf();
-    // The kernel must be readable by the unprivileged user.
-    let dir = scratch("nokvm");
-    let k = dir.join("probe.elf");
-    std::fs::copy(&elf, &k).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_dir, k) = world_readable_kernel("nokvm");
     let ks = k.to_str().unwrap();
-    let (code, stderr) = vireo_via(
-        "setpriv",
-        &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            vireo_bin(),
-            "--kernel",
-            ks,
-        ],
-    );
+    let Some((code, stderr)) = vireo_as_nobody("no_kvm_device_or_no_permission", &["--kernel", ks])
+    else {
+        return;
+    };
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("/dev/kvm") && stderr.contains("ermission denied"),
@@ -196,6 +177,34 @@ fn no_kvm_device_or_no_permission() {
         stderr.contains("/dev/kvm") && stderr.contains("No such file"),
         "{stderr}"
     );
+}
+
+/// A scratch directory an unprivileged user can read, holding a copy of the probe guest.
+fn world_readable_kernel(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch(name);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = dir.join("probe.elf");
+    std::fs::copy(probe_elf(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (dir, k)
+}
+
+/// Runs vireo as user nobody; None when not root (the caller skips, loudly).
+fn vireo_as_nobody(test: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("!!!!!!!! SKIPPED {test}: needs root to drop privileges !!!!!!!!");
+        return None;
+    }
+    let mut all = vec![
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        vireo_bin(),
+    ];
+    all.extend_from_slice(args);
+    Some(vireo_via("setpriv", &all))
 }
 
 fn vireo_via(tool: &str, args: &[&str]) -> (Option<i32>, String) {
@@ -265,36 +274,21 @@ fn a_disk_in_use_by_another_vm_is_refused() {
 
 #[test]
 fn a_disk_without_permission_is_refused() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("!!!!!!!! SKIPPED a_disk_without_permission_is_refused: needs root to drop privileges !!!!!!!!");
-        return;
-    }
     use std::os::unix::fs::PermissionsExt;
-    let dir = scratch("perm-disk");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let k = dir.join("probe.elf");
-    std::fs::copy(probe_elf(), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (dir, k) = world_readable_kernel("perm-disk");
     let img = dir.join("root-only.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, stderr) = vireo_via(
-        "setpriv",
-        &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            vireo_bin(),
-            "--kernel",
-            k.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", img.display()),
-        ],
-    );
+    let disk = format!("path={}", img.display());
+    let Some((code, stderr)) = vireo_as_nobody(
+        "a_disk_without_permission_is_refused",
+        &["--kernel", k.to_str().unwrap(), "--disk", &disk],
+    ) else {
+        return;
+    };
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("root-only.img") && stderr.contains("ermission denied"),
@@ -363,30 +357,18 @@ fn a_busy_tap_is_refused() {
 
 #[test]
 fn a_tap_without_permission_is_refused() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("!!!!!!!! SKIPPED a_tap_without_permission_is_refused: needs root to drop privileges !!!!!!!!");
-        return;
-    }
-    let dir = scratch("perm-tap");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let k = dir.join("probe.elf");
-    std::fs::copy(probe_elf(), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, stderr) = vireo_via(
-        "setpriv",
+    let (_dir, k) = world_readable_kernel("perm-tap");
+    let Some((code, stderr)) = vireo_as_nobody(
+        "a_tap_without_permission_is_refused",
         &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            vireo_bin(),
             "--kernel",
             k.to_str().unwrap(),
             "--net",
             "tap=vperm0,ip=10.212.0.1,mask=255.255.255.0",
         ],
-    );
+    ) else {
+        return;
+    };
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("ermission denied") || stderr.contains("no permission"),

@@ -122,14 +122,7 @@ fn udp_both_ways_with_checksum_offload_and_merged_receive_buffers() {
         ),
     ]);
     // The tap exists once vireo runs; echo every datagram back.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let sock = loop {
-        match UdpSocket::bind((l.host, 5003)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => panic!("cannot bind the echo server: {e}"),
-        }
-    };
+    let sock = bind_when_ready(l.host, 5003);
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
@@ -284,15 +277,20 @@ fn vmm_cpu_ns(pid: i32) -> u64 {
         .sum()
 }
 
-fn udp_sender(host: Ipv4Addr) -> UdpSocket {
+/// Binds a UDP socket on the host side of a tap vireo is still creating.
+fn bind_when_ready(host: Ipv4Addr, port: u16) -> UdpSocket {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match UdpSocket::bind((host, 0)) {
+        match UdpSocket::bind((host, port)) {
             Ok(s) => return s,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => panic!("cannot bind a sender on {host}: {e}"),
+            Err(e) => panic!("cannot bind {host}:{port}: {e}"),
         }
     }
+}
+
+fn udp_sender(host: Ipv4Addr) -> UdpSocket {
+    bind_when_ready(host, 0)
 }
 
 /// While the guest reads nothing, a flood fills its buffers: vireo must then stop

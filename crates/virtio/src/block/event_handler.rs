@@ -27,6 +27,7 @@ use super::request::{
     parse, Parsed, Request, RequestType, Segment, DISCARD_SEGMENT_LEN, ID_LEN, SECTOR_SIZE,
 };
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::transport::WarnLimiter;
 
 use super::device::MAX_REQUEST_DATA;
 
@@ -81,6 +82,8 @@ pub(super) struct Worker {
     metrics: Arc<BlockMetrics>,
     /// Used entries added since the last interrupt decision.
     used_since_signal: bool,
+    /// Keeps a hostile guest from flooding the host log.
+    warn_limiter: WarnLimiter,
 }
 
 /// How one request is answered right away, without the backend.
@@ -96,6 +99,13 @@ enum Immediate {
 }
 
 impl Worker {
+    /// Logs a guest-caused problem, a few per window at most.
+    fn warn(&mut self, msg: &str) {
+        if self.warn_limiter.allow() {
+            tracing::warn!("{msg}");
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -163,6 +173,7 @@ impl Worker {
             id,
             metrics,
             used_since_signal: false,
+            warn_limiter: WarnLimiter::default(),
         })
     }
 
@@ -237,7 +248,7 @@ impl Worker {
                         status,
                         error,
                     } => {
-                        rate_limited_warn(&format!("virtio-blk: malformed request: {error}"));
+                        self.warn(&format!("virtio-blk: malformed request: {error}"));
                         match status {
                             Some(status) => immediate.push(Immediate::Status {
                                 head,
@@ -298,7 +309,7 @@ impl Worker {
                     .checked_add(r.data_len / SECTOR_SIZE)
                     .filter(|&e| e <= capacity);
                 if end.is_none() {
-                    rate_limited_warn("virtio-blk: request past the end of the disk");
+                    self.warn("virtio-blk: request past the end of the disk");
                     BlockMetrics::add(&self.metrics.io_errors, 1);
                     immediate.push(answer(VIRTIO_BLK_S_IOERR, 1));
                 } else {
@@ -323,7 +334,7 @@ impl Worker {
                 immediate.push(answer(VIRTIO_BLK_S_OK, written + 1));
             }
             RequestType::Unsupported(t) => {
-                rate_limited_warn(&format!("virtio-blk: unsupported request type {t}"));
+                self.warn(&format!("virtio-blk: unsupported request type {t}"));
                 BlockMetrics::add(&self.metrics.unsupported, 1);
                 immediate.push(answer(VIRTIO_BLK_S_UNSUPP, 1));
             }
@@ -563,7 +574,7 @@ impl Worker {
             };
             let ok = result >= 0 && result as u64 == expected;
             if !ok {
-                rate_limited_warn(&format!(
+                self.warn(&format!(
                     "virtio-blk: backend I/O on {} failed: {}",
                     self.disk.path().display(),
                     if result < 0 {
@@ -625,23 +636,5 @@ fn pending_no_data(r: &Request) -> Pending {
         status: r.status,
         len: 0,
         used_len_ok: 1,
-    }
-}
-
-/// At most a few warnings per second: a hostile guest must not flood the host log.
-fn rate_limited_warn(msg: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static WINDOW: AtomicU64 = AtomicU64::new(0);
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if WINDOW.swap(now, Ordering::Relaxed) != now {
-        COUNT.store(0, Ordering::Relaxed);
-    }
-    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
-        tracing::warn!("{msg}");
     }
 }

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::device::{ActivateContext, ActivateError, VirtioInterrupt, VirtioInterruptType};
+use crate::transport::WarnLimiter;
 
 const RX: u16 = 0;
 const TX: u16 = 1;
@@ -92,11 +93,20 @@ pub(super) struct Worker {
     tap_armed: bool,
     frame: Vec<u8>,
     metrics: Arc<NetMetrics>,
+    /// Keeps a hostile guest from flooding the host log.
+    warn_limiter: WarnLimiter,
 }
 
 type NewResult = Result<Worker, (Tap, ActivateError)>;
 
 impl Worker {
+    /// Logs a guest-caused problem, a few per window at most.
+    fn warn(&mut self, msg: &str) {
+        if self.warn_limiter.allow() {
+            tracing::warn!("{msg}");
+        }
+    }
+
     pub(super) fn new(
         ctx: ActivateContext,
         tap: Tap,
@@ -184,6 +194,7 @@ impl Worker {
             tap_armed: true,
             frame: vec![0u8; MAX_FRAME],
             metrics,
+            warn_limiter: WarnLimiter::default(),
         })
     }
 
@@ -287,7 +298,7 @@ impl Worker {
                     }
                 }
                 if bad || truncated || total <= VNET_HDR_LEN as u64 {
-                    rate_limited_warn("virtio-net: malformed transmit chain dropped");
+                    self.warn("virtio-net: malformed transmit chain dropped");
                     NetMetrics::add(&self.metrics.tx_dropped, 1);
                 } else {
                     match self.tap.writev(&iovecs) {
@@ -296,7 +307,7 @@ impl Worker {
                             NetMetrics::add(&self.metrics.tx_bytes, total - VNET_HDR_LEN as u64);
                         }
                         Err(e) => {
-                            rate_limited_warn(&format!("virtio-net: tap write failed: {e}"));
+                            self.warn(&format!("virtio-net: tap write failed: {e}"));
                             NetMetrics::add(&self.metrics.tx_dropped, 1);
                         }
                     }
@@ -339,7 +350,7 @@ impl Worker {
                     NetMetrics::add(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
                 }
                 Delivery::TooBig => {
-                    rate_limited_warn("virtio-net: frame larger than the receive buffers dropped");
+                    self.warn("virtio-net: frame larger than the receive buffers dropped");
                     NetMetrics::add(&self.metrics.rx_too_big, 1);
                 }
                 Delivery::NoBuffers => {
@@ -600,7 +611,7 @@ impl Worker {
                 }
             }
             _ => {
-                rate_limited_warn(&format!(
+                self.warn(&format!(
                     "virtio-net: unsupported or malformed control command {class}/{cmd}"
                 ));
                 false
@@ -623,24 +634,6 @@ enum Delivery {
     Done,
     TooBig,
     NoBuffers,
-}
-
-/// At most a few warnings per second: a hostile guest must not flood the host log.
-fn rate_limited_warn(msg: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static WINDOW: AtomicU64 = AtomicU64::new(0);
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if WINDOW.swap(now, Ordering::Relaxed) != now {
-        COUNT.store(0, Ordering::Relaxed);
-    }
-    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
-        tracing::warn!("{msg}");
-    }
 }
 
 #[cfg(test)]
