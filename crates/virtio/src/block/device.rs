@@ -205,8 +205,18 @@ impl VirtioDevice for Block {
 }
 
 impl Drop for Block {
+    /// When the VM goes away: finish the I/O in flight, then put what the guest wrote on
+    /// stable storage, as if it had flushed.
     fn drop(&mut self) {
         self.reset();
+        if !self.disk.readonly() {
+            if let Err(e) = self.disk.sync() {
+                tracing::warn!(
+                    "disk image {}: final fdatasync failed: {e}",
+                    self.disk.path().display()
+                );
+            }
+        }
     }
 }
 

@@ -124,6 +124,11 @@ impl DiskImage {
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+
+    /// fdatasync: everything written so far is on stable storage.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
 }
 
 /// One backend operation. Buffers are host addresses of guest memory the caller has
