@@ -14,6 +14,7 @@ mod hostile;
 mod inet;
 mod net;
 mod nethostile;
+mod netmodes;
 mod phys;
 mod serial;
 mod smp;
@@ -54,7 +55,7 @@ enum Mode {
     Blk,
     BlkBench,
     BlkHostile,
-    Net(net::Mode),
+    Net(netmodes::Mode),
     NetHostile,
 }
 
@@ -105,11 +106,11 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"blk" => Mode::Blk,
                 b"blk-bench" => Mode::BlkBench,
                 b"blk-hostile" => Mode::BlkHostile,
-                b"net-ping" => Mode::Net(net::Mode::Ping),
-                b"net-udp" => Mode::Net(net::Mode::Udp),
-                b"net-ctrl" => Mode::Net(net::Mode::Ctrl),
-                b"net-bench" => Mode::Net(net::Mode::Bench),
-                b"net-idle" => Mode::Net(net::Mode::Idle),
+                b"net-ping" => Mode::Net(netmodes::Mode::Ping),
+                b"net-udp" => Mode::Net(netmodes::Mode::Udp),
+                b"net-ctrl" => Mode::Net(netmodes::Mode::Ctrl),
+                b"net-bench" => Mode::Net(netmodes::Mode::Bench),
+                b"net-idle" => Mode::Net(netmodes::Mode::Idle),
                 b"net-hostile" => Mode::NetHostile,
                 _ => Mode::Boot,
             };
@@ -175,7 +176,7 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::Blk => pass = blk::run(boot.cmdline()),
         Mode::BlkBench => pass = blk::bench(boot.cmdline()),
         Mode::BlkHostile => pass = hostile::run(boot.cmdline()),
-        Mode::Net(m) => pass = net::run(m, boot.cmdline()),
+        Mode::Net(m) => pass = netmodes::run(m, boot.cmdline()),
         Mode::NetHostile => pass = nethostile::run(boot.cmdline()),
         Mode::Boot => report(boot),
         Mode::Echo => echo(),

@@ -200,7 +200,7 @@ pub fn run(cmdline: &'static [u8]) -> bool {
     }
     let rec = n
         .reopen(false)
-        .and_then(|()| net::arp_and_ping(&mut n, &o, o.count.unwrap_or(3)));
+        .and_then(|()| crate::netmodes::arp_and_ping(&mut n, &o, o.count.unwrap_or(3)));
     let rec = match rec {
         Ok(r) => r,
         Err(e) => {
