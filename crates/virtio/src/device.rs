@@ -285,6 +285,18 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// The two ends of the eventfd that stops a device's worker thread: the device keeps one,
+/// the worker waits on the other.
+pub fn kill_eventfds(device: &'static str) -> Result<(EventFd, EventFd), ActivateError> {
+    let err = |source| ActivateError::EventFd {
+        purpose: device,
+        source,
+    };
+    let kill = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(err)?;
+    let worker_end = kill.try_clone().map_err(err)?;
+    Ok((kill, worker_end))
+}
+
 /// Copies `config[offset..offset + data.len()]` into `data`, or fills `data` with zeros when
 /// the access is not entirely inside `config`.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -11,13 +11,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::Worker;
 use super::io::{DiskError, DiskImage};
 use super::metrics::BlockMetrics;
 use super::request::{ID_LEN, SECTOR_SIZE};
-use crate::device::{features, read_config_bytes, ActivateContext, ActivateError, DeviceState};
+use crate::device::{
+    features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+};
 use crate::VirtioDevice;
 
 /// The one request queue's size.
@@ -158,14 +160,7 @@ impl VirtioDevice for Block {
         else {
             return Err(ActivateError::MissingQueue { index: 0 });
         };
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(|source| ActivateError::EventFd {
-            purpose: "virtio-blk kill",
-            source,
-        })?;
-        let worker_kill = kill.try_clone().map_err(|source| ActivateError::EventFd {
-            purpose: "virtio-blk kill",
-            source,
-        })?;
+        let (kill, worker_kill) = kill_eventfds("virtio-blk kill")?;
         let worker = Worker::new(
             ctx.mem,
             index,
@@ -280,7 +275,7 @@ mod tests {
 
     fn activate(r: &mut Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> EventFd {
         let q: Queue = vq.create_queue().unwrap();
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let irq: Arc<dyn VirtioInterrupt> = Arc::new(CountingIrq::default());
         r.block
             .activate(ActivateContext {

@@ -7,14 +7,16 @@ use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::Worker;
 use super::metrics::NetMetrics;
 use super::tap::{
     generated_mac, Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
 };
-use crate::device::{features, read_config_bytes, ActivateContext, ActivateError, DeviceState};
+use crate::device::{
+    features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+};
 use crate::VirtioDevice;
 
 pub const RX_QUEUE_SIZE: u16 = 256;
@@ -177,14 +179,7 @@ impl VirtioDevice for Net {
         if let Err(e) = tap.set_offloads(tap_offloads(ctx.acked_features)) {
             tracing::warn!("tap {}: TUNSETOFFLOAD failed: {e}", self.tap_name);
         }
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(|source| ActivateError::EventFd {
-            purpose: "virtio-net kill",
-            source,
-        })?;
-        let worker_kill = kill.try_clone().map_err(|source| ActivateError::EventFd {
-            purpose: "virtio-net kill",
-            source,
-        })?;
+        let (kill, worker_kill) = kill_eventfds("virtio-net kill")?;
         let worker = match Worker::new(ctx, tap, self.mac, self.metrics.clone(), worker_kill) {
             Ok(w) => w,
             Err((tap, e)) => {
