@@ -88,6 +88,11 @@ pub fn build(out_dir: &Path) -> Result<DebianKernel> {
         });
     }
 
+    // About to download: refresh the package lists first, so the version we ask for is one
+    // the mirror still has (lists on a machine can be old).
+    let _ = output(Command::new("apt-get").args(["update", "-qq"]));
+    let (pkg, version) = resolve_package().unwrap_or((pkg, version));
+    let want = format!("{pkg} {version}");
     eprintln!("kit: fetching {pkg} {version}");
     let work = out_dir.join("work");
     let _ = fs::remove_dir_all(&work);
