@@ -285,6 +285,14 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Whether the driver's available ring can be walked: an avail index more than the queue
+/// size ahead of the device (or a queue no longer ready) cannot (§2.7.13.3). A worker that
+/// sees this must stop using the queue and raise DEVICE_NEEDS_RESET, not poll it again.
+pub fn avail_ring_is_sane<M: vm_memory::GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
+    use virtio_queue::QueueOwnedT;
+    queue.iter(mem).is_ok()
+}
+
 /// The two ends of the eventfd that stops a device's worker thread: the device keeps one,
 /// the worker waits on the other.
 pub fn kill_eventfds(device: &'static str) -> Result<(EventFd, EventFd), ActivateError> {

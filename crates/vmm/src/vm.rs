@@ -461,7 +461,12 @@ fn wait_for_exit(exit: &ExitHandle, signals: &Signals) -> Result<ExitStatus, VmE
                     tracing::info!("guest powered off");
                     return Ok(ExitStatus(0));
                 }
-                Some(VmExitReason::DebugExit(code)) => return Ok(ExitStatus(i32::from(code))),
+                // Only "success" (0) or "failure" (1): a guest must not be able to pose as a
+                // signal (128 + n) to whatever supervises vireo.
+                Some(VmExitReason::DebugExit(code)) => {
+                    tracing::info!("guest wrote {code:#x} to the debug-exit port");
+                    return Ok(ExitStatus(i32::from(code != 0)));
+                }
                 Some(VmExitReason::Fatal(msg)) => return Err(VmError::Fatal(msg)),
                 None => {
                     let _ = exit.eventfd().read();

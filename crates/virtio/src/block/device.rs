@@ -167,7 +167,7 @@ impl VirtioDevice for Block {
             queue,
             queue_evt,
             ctx.interrupt,
-            ctx.acked_features,
+            ctx.needs_reset,
             self.disk.clone(),
             self.direct,
             self.id,
@@ -274,19 +274,53 @@ mod tests {
     }
 
     fn activate(r: &mut Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> EventFd {
+        activate_watching(r, vq).0
+    }
+
+    fn activate_watching(
+        r: &mut Rig,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> (EventFd, DeviceNeedsReset) {
         let q: Queue = vq.create_queue().unwrap();
         let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let irq: Arc<dyn VirtioInterrupt> = Arc::new(CountingIrq::default());
+        let needs_reset = DeviceNeedsReset::new(irq.clone());
         r.block
             .activate(ActivateContext {
                 mem: GuestMemoryAtomic::new(r.mem.clone()),
                 acked_features: r.block.avail_features(),
                 queues: vec![(0, q, evt.try_clone().unwrap())],
-                interrupt: irq.clone(),
-                needs_reset: DeviceNeedsReset::new(irq),
+                interrupt: irq,
+                needs_reset: needs_reset.clone(),
             })
             .unwrap();
-        evt
+        (evt, needs_reset)
+    }
+
+    /// An avail index far ahead of the device cannot be walked: the device asks for a reset
+    /// instead of polling the ring forever, and the reset returns.
+    #[test]
+    fn an_impossible_avail_index_raises_needs_reset_instead_of_spinning() {
+        let mut r = rig(false);
+        let m = r.mem.clone();
+        let vq = MockSplitQueue::new(&m, 16);
+        let (evt, needs_reset) = activate_watching(&mut r, &vq);
+        vq.avail().idx().store(17);
+        evt.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !needs_reset.is_raised() {
+            assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET never raised");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let block = std::thread::spawn(move || {
+            r.block.reset();
+            let _ = tx.send(());
+            r
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("reset hung on the worker");
+        let _ = block.join();
     }
 
     /// Waits until the used ring's index reaches `n`.

@@ -26,7 +26,7 @@ use super::metrics::BlockMetrics;
 use super::request::{
     parse, Parsed, Request, RequestType, Segment, DISCARD_SEGMENT_LEN, ID_LEN, SECTOR_SIZE,
 };
-use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::device::{avail_ring_is_sane, DeviceNeedsReset, VirtioInterrupt, VirtioInterruptType};
 use crate::transport::WarnLimiter;
 
 use super::device::MAX_REQUEST_DATA;
@@ -38,6 +38,8 @@ const TOKEN_KILL: u64 = 2;
 const RING_ENTRIES: u32 = 256;
 /// Most iovecs one merged read or write may carry (the kernel's UIO_MAXIOV).
 const MAX_IOVECS: usize = 1024;
+/// Most bytes one merged read or write may move (the kernel moves at most ~2 GiB per call).
+const MAX_MERGED_BYTES: u64 = 1 << 30;
 
 /// Errors setting up a worker.
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +69,8 @@ pub(super) struct Worker {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     queue_index: u16,
     queue: Queue,
-    /// Registered (edge-triggered) in `epoll`; owned here so it stays open.
-    _queue_evt: EventFd,
+    /// Registered (edge-triggered) in `epoll`; also written by us to come back later.
+    queue_evt: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
     disk: Arc<DiskImage>,
     /// A page-cache descriptor for buffers O_DIRECT cannot take (not 512-byte aligned).
@@ -84,6 +86,9 @@ pub(super) struct Worker {
     used_since_signal: bool,
     /// Keeps a hostile guest from flooding the host log.
     warn_limiter: WarnLimiter,
+    needs_reset: DeviceNeedsReset,
+    /// The driver broke the available ring; nothing more is taken from it until a reset.
+    broken: bool,
 }
 
 /// How one request is answered right away, without the backend.
@@ -113,7 +118,7 @@ impl Worker {
         queue: Queue,
         queue_evt: EventFd,
         interrupt: Arc<dyn VirtioInterrupt>,
-        _acked_features: u64,
+        needs_reset: DeviceNeedsReset,
         disk: Arc<DiskImage>,
         direct: bool,
         id: [u8; ID_LEN],
@@ -161,7 +166,7 @@ impl Worker {
             mem,
             queue_index,
             queue,
-            _queue_evt: queue_evt,
+            queue_evt,
             interrupt,
             disk,
             buffered,
@@ -174,6 +179,8 @@ impl Worker {
             metrics,
             used_since_signal: false,
             warn_limiter: WarnLimiter::default(),
+            needs_reset,
+            broken: false,
         })
     }
 
@@ -234,13 +241,23 @@ impl Worker {
     /// without a QueueNotify exit per request; only when nothing is in flight are they
     /// re-enabled (and the ring checked once more for what raced with that).
     fn process_queue(&mut self) {
+        let mut taken = 0usize;
         loop {
+            if self.broken {
+                return;
+            }
             let mem = self.mem.memory();
+            if !avail_ring_is_sane(&mut self.queue, &*mem) {
+                drop(mem);
+                self.ring_broken();
+                return;
+            }
             let _ = self.queue.disable_notification(&*mem);
             let mut immediate = Vec::new();
             let mut io = Vec::new();
             while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
                 BlockMetrics::add(&self.metrics.requests, 1);
+                taken += 1;
                 match parse(chain, &*mem, MAX_REQUEST_DATA) {
                     Parsed::Request(r) => self.classify(&*mem, r, &mut immediate, &mut io),
                     Parsed::Invalid {
@@ -269,11 +286,26 @@ impl Worker {
             if self.engine.in_flight() > 0 {
                 break;
             }
+            if taken >= usize::from(super::device::QUEUE_SIZE) {
+                // A full queue's worth this round: look at other events (a reset) first and
+                // come back through our own eventfd, with notifications still off.
+                let _ = self.queue_evt.write(1);
+                break;
+            }
             let mem = self.mem.memory();
             match self.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 _ => break,
             }
+        }
+    }
+
+    /// The available ring cannot be walked: stop using it and tell the driver (§2.1.2).
+    fn ring_broken(&mut self) {
+        self.broken = true;
+        self.warn("virtio-blk: the driver's available ring index is invalid; device needs reset");
+        if let Err(e) = self.needs_reset.raise() {
+            tracing::error!("virtio-blk: cannot signal the guest: {e}");
         }
     }
 
@@ -405,13 +437,16 @@ impl Worker {
                     let mut j = i + 1;
                     let mut end = r.sector + r.data_len / SECTOR_SIZE;
                     let mut nseg = r.data.len();
+                    let mut bytes = r.data_len;
                     while j < batch.len()
                         && batch[j].kind == r.kind
                         && batch[j].sector == end
                         && nseg + batch[j].data.len() <= MAX_IOVECS
+                        && bytes + batch[j].data_len <= MAX_MERGED_BYTES
                     {
                         end += batch[j].data_len / SECTOR_SIZE;
                         nseg += batch[j].data.len();
+                        bytes += batch[j].data_len;
                         j += 1;
                     }
                     let run = &batch[i..j];
@@ -558,9 +593,11 @@ impl Worker {
     /// Completes finished backend operations into the used ring.
     fn complete_io(&mut self) {
         let mut done = Vec::new();
-        let fd = self.disk.fd();
-        self.engine.reap(fd, &mut done);
+        self.engine.reap(&mut done);
         if done.is_empty() {
+            if let Err(e) = self.engine.submit() {
+                tracing::error!("virtio-blk: io_uring submit failed: {e}");
+            }
             return;
         }
         let mem = self.mem.memory();

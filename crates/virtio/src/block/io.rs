@@ -172,7 +172,7 @@ pub struct IoEngine {
     /// Operations the kernel owns, keyed by token (their iovec arrays live here).
     in_flight: HashMap<u64, IoOp>,
     /// Operations that did not fit the submission queue yet.
-    backlog: Vec<(u64, IoOp)>,
+    backlog: Vec<(RawFd, u64, IoOp)>,
     max_in_flight: usize,
 }
 
@@ -252,7 +252,7 @@ impl IoEngine {
         if pushed {
             self.in_flight.insert(token, op);
         } else {
-            self.backlog.push((token, op));
+            self.backlog.push((fd.0, token, op));
         }
         self.max_in_flight = self.max_in_flight.max(self.in_flight.len());
     }
@@ -274,7 +274,7 @@ impl IoEngine {
 
     /// Collects finished operations as (token, op, result), then refills the submission
     /// queue from the backlog.
-    pub fn reap(&mut self, fd: RawFd, out: &mut Vec<(u64, IoOp, IoResult)>) {
+    pub fn reap(&mut self, out: &mut Vec<(u64, IoOp, IoResult)>) {
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -286,7 +286,7 @@ impl IoEngine {
             }
         }
         let backlog = std::mem::take(&mut self.backlog);
-        for (token, op) in backlog {
+        for (fd, token, op) in backlog {
             self.push(fd, token, op);
         }
     }
@@ -358,7 +358,7 @@ mod tests {
         while engine.in_flight() > 0 {
             engine.wait().unwrap();
             let mut out = Vec::new();
-            engine.reap(fd, &mut out);
+            engine.reap(&mut out);
             done.extend(out.into_iter().map(|(t, _, r)| (t, r)));
         }
         done.sort_unstable();

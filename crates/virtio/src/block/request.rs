@@ -20,6 +20,8 @@ pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 pub const HEADER_LEN: usize = 16;
 /// Size of `struct virtio_blk_discard_write_zeroes`.
 pub const DISCARD_SEGMENT_LEN: u64 = 16;
+/// Most descriptors one request may use: SEG_MAX data segments, header and status.
+pub const MAX_DESCRIPTORS: usize = super::device::SEG_MAX as usize + 2;
 /// Bytes of a GET_ID answer.
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
@@ -144,7 +146,9 @@ where
     let head = chain.head_index();
     let mut descs = Vec::new();
     let mut truncated = false;
-    for d in chain {
+    // SEG_MAX data segments plus header and status: anything longer is refused unread (an
+    // indirect table can hold 65535 descriptors).
+    for d in chain.take(MAX_DESCRIPTORS) {
         truncated = d.has_next();
         descs.push(Desc {
             addr: d.addr(),

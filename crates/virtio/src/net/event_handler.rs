@@ -21,7 +21,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
-use crate::device::{ActivateContext, ActivateError, VirtioInterrupt, VirtioInterruptType};
+use crate::device::{
+    avail_ring_is_sane, ActivateContext, ActivateError, DeviceNeedsReset, VirtioInterrupt,
+    VirtioInterruptType,
+};
 use crate::transport::WarnLimiter;
 
 const RX: u16 = 0;
@@ -36,6 +39,11 @@ const TOKEN_KILL: u64 = 4;
 const MAX_FRAME: usize = 65_562;
 /// The largest frame a guest may send: 64 KiB of payload, the Ethernet header and ours.
 const MAX_TX: u64 = 65_550 + VNET_HDR_LEN as u64;
+/// Most descriptors followed in one transmit or control chain (an indirect table could
+/// hold 65535).
+const MAX_CHAIN_DESCS: usize = 256;
+/// Transmit chains taken before the worker looks at its other events.
+const TX_BATCH: u16 = 256;
 /// Longest control command we read.
 const MAX_CTRL: u64 = 4096;
 
@@ -95,6 +103,9 @@ pub(super) struct Worker {
     metrics: Arc<NetMetrics>,
     /// Keeps a hostile guest from flooding the host log.
     warn_limiter: WarnLimiter,
+    needs_reset: DeviceNeedsReset,
+    /// The driver broke an available ring; no queue is used again until a reset.
+    broken: bool,
 }
 
 type NewResult = Result<Worker, (Tap, ActivateError)>;
@@ -195,6 +206,8 @@ impl Worker {
             frame: vec![0u8; MAX_FRAME],
             metrics,
             warn_limiter: WarnLimiter::default(),
+            needs_reset: ctx.needs_reset,
+            broken: false,
         })
     }
 
@@ -271,15 +284,25 @@ impl Worker {
 
     /// Transmits every available chain (§5.1.6.2).
     fn process_tx(&mut self) {
+        let mut taken = 0usize;
         loop {
+            if self.broken {
+                return;
+            }
             let mem = self.mem.memory();
+            if !avail_ring_is_sane(&mut self.tx.queue, &*mem) {
+                drop(mem);
+                self.ring_broken("transmit");
+                return;
+            }
             while let Some(chain) = self.tx.queue.pop_descriptor_chain(&*mem) {
+                taken += 1;
                 let head = chain.head_index();
                 let mut iovecs = Vec::new();
                 let mut total = 0u64;
                 let mut bad = false;
                 let mut truncated = false;
-                for d in chain {
+                for d in chain.take(MAX_CHAIN_DESCS) {
                     truncated = d.has_next();
                     total += u64::from(d.len());
                     if d.is_write_only() || total > MAX_TX {
@@ -316,6 +339,11 @@ impl Worker {
                     self.tx.used_since_signal = true;
                 }
             }
+            if taken >= usize::from(TX_BATCH) {
+                // Come back through our own eventfd after looking at other events.
+                let _ = self.tx._evt.write(1);
+                return;
+            }
             match self.tx.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 _ => break,
@@ -326,6 +354,17 @@ impl Worker {
     /// Delivers frames from the tap while the guest has buffers for them.
     fn process_rx(&mut self) {
         loop {
+            if self.broken {
+                return;
+            }
+            let sane = {
+                let mem = self.mem.memory();
+                avail_ring_is_sane(&mut self.rx.queue, &*mem)
+            };
+            if !sane {
+                self.ring_broken("receive");
+                return;
+            }
             let len = match self.pending.take() {
                 Some(len) => len,
                 None => match self.tap.read(&mut self.frame) {
@@ -371,6 +410,17 @@ impl Worker {
                     return;
                 }
             }
+        }
+    }
+
+    /// An available ring cannot be walked: stop using the queues and tell the driver (§2.1.2).
+    fn ring_broken(&mut self, which: &str) {
+        self.broken = true;
+        self.warn(&format!(
+            "virtio-net: the driver's {which} ring index is invalid; device needs reset"
+        ));
+        if let Err(e) = self.needs_reset.raise() {
+            tracing::error!("virtio-net: cannot signal the guest: {e}");
         }
     }
 
@@ -510,12 +560,21 @@ impl Worker {
         };
         loop {
             let mem = self.mem.memory();
+            if self.broken || !avail_ring_is_sane(&mut ctrl.queue, &*mem) {
+                drop(mem);
+                if !self.broken {
+                    self.ring_broken("control");
+                }
+                break;
+            }
             while let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
                 let mut cmd = Vec::new();
                 let mut ack: Option<GuestAddress> = None;
                 let mut ok_shape = true;
-                for d in chain {
+                let mut truncated = false;
+                for d in chain.take(MAX_CHAIN_DESCS) {
+                    truncated = d.has_next();
                     if d.is_write_only() {
                         // The ack is the last device-writable byte; a buffer that wraps the
                         // address space has none (the write below then fails harmlessly).
@@ -535,6 +594,11 @@ impl Worker {
                             ok_shape = false;
                         }
                     }
+                }
+                if truncated {
+                    // A loop or an over-long chain: where its ack byte is, is unknown.
+                    ok_shape = false;
+                    ack = None;
                 }
                 let result = if ok_shape && cmd.len() >= 2 {
                     self.control(cmd[0], cmd[1], &cmd[2..])
