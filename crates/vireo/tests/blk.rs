@@ -27,7 +27,8 @@ fn disk_arg(p: &Path, extra: &str) -> String {
     format!("path={}{extra}", p.display())
 }
 
-fn blk_run(disks: &[String], cmdline: &str) -> Finished {
+/// Starts the probe guest with `disks`, extra vireo arguments and a probe command line.
+fn blk_spawn(disks: &[String], extra: &[&str], cmdline: &str) -> Running {
     let elf = probe_elf();
     let mut args = vec![
         "--kernel".to_string(),
@@ -39,8 +40,13 @@ fn blk_run(disks: &[String], cmdline: &str) -> Finished {
         args.push("--disk".into());
         args.push(d.clone());
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    spawn(&args).finish(PROBE_TIMEOUT)
+    spawn(&args)
+}
+
+fn blk_run(disks: &[String], cmdline: &str) -> Finished {
+    blk_spawn(disks, &[], cmdline).finish(PROBE_TIMEOUT)
 }
 
 /// Checks the host file holds the guest's pattern over `[start, start + len)`.
@@ -109,16 +115,11 @@ fn flushed_data_is_in_the_file_even_if_vireo_is_killed() {
     }
     let dir = scratch("blk-flush");
     let img = image(&dir, "d0.img", 4 << 20);
-    let elf = probe_elf();
-    let disk = disk_arg(&img, "");
-    let running = spawn(&[
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--disk",
-        &disk,
-        "--cmdline",
+    let running = blk_spawn(
+        &[disk_arg(&img, "")],
+        &[],
         "probe.mode=blk probe.blk.region=0:131072 probe.blk.seed=3",
-    ]);
+    );
     let flushed = running.wait_for_line(PROBE_TIMEOUT, |l| l.contains("flush status="));
     let run = running.kill();
     let flushed = flushed.unwrap_or_else(|| panic!("no flush line:\n{}", run.stdout));
@@ -177,18 +178,11 @@ fn command_line_discovery_finds_the_same_disks() {
     }
     let dir = scratch("blk-cmdline");
     let a = image(&dir, "a.img", 1 << 20);
-    let elf = probe_elf();
-    let disk = disk_arg(&a, "");
-    let run = spawn(&[
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--disk",
-        &disk,
-        "--platform",
-        "virtio_mmio_cmdline=on",
-        "--cmdline",
+    let run = blk_spawn(
+        &[disk_arg(&a, "")],
+        &["--platform", "virtio_mmio_cmdline=on"],
         "probe.mode=blk probe.blk.region=0:65536",
-    ])
+    )
     .finish(PROBE_TIMEOUT);
     run.assert_probe_ok();
     let cmdline = run.line("probe: cmdline=").unwrap_or("");
