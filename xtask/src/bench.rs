@@ -121,33 +121,7 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
 }
 
 fn ensure_qemu() -> Result<()> {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        return Ok(());
-    }
-    eprintln!("bench: installing qemu-system-x86 from apt");
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "qemu-system-x86"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()?
-        .success()
-        || (Command::new("apt-get")
-            .args(["update", "-qq"])
-            .status()?
-            .success()
-            && Command::new("apt-get")
-                .args(["install", "-y", "-qq", "qemu-system-x86"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()?
-                .success());
-    if !ok {
-        bail!("cannot install qemu-system-x86");
-    }
-    Ok(())
+    crate::apt::ensure("bench", &["qemu-system-x86"])
 }
 
 fn vireo_cmd(vireo: &Path, guest: &Path, cmdline: &str) -> Command {
@@ -302,24 +276,7 @@ fn drop_caches() {
 }
 
 fn ensure_fio() -> Result<()> {
-    if Command::new("fio")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        return Ok(());
-    }
-    eprintln!("bench: installing fio from apt");
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "fio"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()?
-        .success();
-    if !ok {
-        bail!("cannot install fio");
-    }
-    Ok(())
+    crate::apt::ensure("bench", &["fio"])
 }
 
 /// One phase's result: MB/s, requests/s, VMM CPU µs per MiB and per request.

@@ -7,7 +7,9 @@
 //! - `cargo xtask bench blk [N]` — virtio-blk throughput and VMM CPU per request, with fio
 //! - `cargo xtask bench net [N]` — virtio-net frames/s both ways and VMM CPU per frame
 
+mod apt;
 mod bench;
+mod kernel;
 mod kit;
 mod probe;
 
@@ -40,13 +42,21 @@ fn cargo() -> Command {
 pub struct Kit {
     pub probe: probe::ProbeImages,
     pub debian: kit::DebianKernel,
+    pub linux: kernel::TestKernel,
 }
 
 fn build_kit(root: &Path) -> Result<Kit> {
     let dir = root.join("target/kit");
     let probe = probe::build(root, &dir.join("probe"))?;
     let debian = kit::build(&dir.join("debian"))?;
-    Ok(Kit { probe, debian })
+    let linux = kernel::build(root, &dir.join("linux"))?;
+    // What the Linux tests run beside the guest: a DHCP server on a tap, mkfs.ext4.
+    apt::ensure("kit", &["dnsmasq-base", "e2fsprogs", "iproute2"])?;
+    Ok(Kit {
+        probe,
+        debian,
+        linux,
+    })
 }
 
 fn build_vireo(root: &Path) -> Result<PathBuf> {
@@ -73,6 +83,11 @@ fn main() -> Result<()> {
                 "Debian kernel {}: {}",
                 kit.debian.version,
                 kit.debian.vmlinux.display()
+            );
+            println!(
+                "test kernel {}: {}",
+                kit.linux.release,
+                kit.linux.vmlinux.display()
             );
         }
         ["boot"] => {

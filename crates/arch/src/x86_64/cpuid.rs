@@ -42,6 +42,17 @@ const LEAF7_EDX_FSRM: u32 = 1 << 4;
 // Leaf 0x8000_0001 ECX / EDX.
 const EXT1_ECX_ABM: u32 = 1 << 5;
 const EXT1_EDX_RDTSCP: u32 = 1 << 27;
+// Leaf 0x4000_0001 EAX (KVM's paravirtual features, Documentation/virt/kvm/x86/cpuid.rst).
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+
+/// KVM paravirtual features that a guest uses through hypercalls (`KVM_HC_KICK_CPU`,
+/// `KVM_HC_SEND_IPI`, `KVM_HC_SCHED_YIELD`). A hypercall from a non-PVM guest never returns
+/// on a PVM host: Linux hangs at its first IPI (`x86: Booting SMP configuration`). The
+/// MSR-based features (kvmclock, steal time, PV EOI, PV TLB flush) work and stay.
+const PVM_HIDDEN_KVM_FEATURES: u32 =
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD;
 
 /// What a PVM host's instruction emulator rejects (`cmpxchg16b`, `xsave`/`xrstor`,
 /// `popcnt`, `rdtscp`, BMI, fast-string variants) or what guests then fail on, by leaf:
@@ -196,6 +207,9 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, cfg: CpuidConfig) -> Result<Cp
                 e.edx &= !edx;
             }
         }
+        if let Some(e) = find(&mut cpuid, 0x4000_0001, 0) {
+            e.eax &= !PVM_HIDDEN_KVM_FEATURES;
+        }
         // Without XSAVE, the XSAVE state leaf must not advertise anything.
         for e in cpuid
             .as_mut_slice()
@@ -224,7 +238,8 @@ mod tests {
             (0xd, 0, 7, 0x340, 0x340, 0),
             (0x8000_0001, 0, 0, 0, 0xffff_ffff, 0xffff_ffff),
             (0x8000_0008, 0, 0x3030, 0, 0, 0),
-            (0x4000_0001, 0, 0x1, 0, 0, 0),
+            // kvmclock (bit 0/3), PV_UNHALT, PV_SEND_IPI, PV_SCHED_YIELD.
+            (0x4000_0001, 0, 0x2889, 0, 0, 0),
         ] {
             c.push(kvm_cpuid_entry2 {
                 function,
@@ -309,8 +324,17 @@ mod tests {
         assert_eq!(l7.edx & LEAF7_EDX_FSRM, 0);
         assert_eq!(get(&c, 0x8000_0001, 0).edx & EXT1_EDX_RDTSCP, 0);
         assert_eq!(get(&c, 0xd, 0).eax, 0);
+        // Hypercall-based paravirtual features go, kvmclock stays.
+        assert_eq!(get(&c, 0x4000_0001, 0).eax, 0x9);
         // Unrelated bits survive.
         assert_ne!(l1.edx, 0);
+        // Without PVM, KVM's features pass through.
+        let plain = CpuidConfig {
+            hide_pvm_unsupported: false,
+            ..cfg
+        };
+        let c = vcpu_cpuid(&supported(), 1, plain).unwrap();
+        assert_eq!(get(&c, 0x4000_0001, 0).eax, 0x2889);
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub fn debian_vmlinux() -> PathBuf {
     kit_file("debian/vmlinux")
 }
 
+/// The project's minimal test kernel (tinyconfig + `kit/linux/vireo.config`).
+pub fn test_kernel() -> PathBuf {
+    kit_file("linux/vmlinux")
+}
+
 pub fn vireo_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vireo")
 }
@@ -134,6 +139,17 @@ pub struct Running {
     stderr: Arc<Mutex<String>>,
     started: Instant,
     readers: Vec<std::thread::JoinHandle<()>>,
+    reaped: bool,
+}
+
+impl Drop for Running {
+    /// A test that panics half-way must not leave a guest running.
+    fn drop(&mut self) {
+        if !self.reaped {
+            libc_kill(-self.pid(), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn pump<R: Read + Send + 'static>(
@@ -184,12 +200,18 @@ pub fn spawn_cmd(cmd: &mut Command) -> Running {
         stderr,
         started: Instant::now(),
         readers,
+        reaped: false,
     }
 }
 
 impl Running {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Time since vireo was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Waits for a console line satisfying `pred`; None on timeout or end of output.
@@ -226,6 +248,7 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
+        self.reaped = true;
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
