@@ -540,7 +540,7 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
     let mut results = Vec::new();
     let mut run = || -> Result<()> {
         for size in [64usize, 1472] {
-            let (mut v, mut q) = (Vec::new(), Vec::new());
+            let (mut v, mut q, mut floor) = (Vec::new(), Vec::new(), Vec::new());
             for i in 0..n {
                 eprint!("\rbench net: {size} B, run {}/{n}", i + 1);
                 let cmd = |ip: Ipv4Addr, host: Ipv4Addr| {
@@ -588,8 +588,9 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
                 peer.store(true, Ordering::Relaxed);
                 q.push(net_phases(&sample?)?);
                 std::thread::sleep(Duration::from_millis(150));
+                floor.push(crate::tapfloor::measure(size, NET_FRAMES)?);
             }
-            results.push((size, v, q));
+            results.push((size, v, q, floor));
         }
         Ok(())
     };
@@ -598,8 +599,12 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
     outcome?;
     eprintln!();
     println!("probe guest net-bench, {NET_FRAMES} UDP datagrams out, then a host flood in; {n} runs each, interleaved (median [min..max])");
-    for (size, v, q) in results {
+    for (size, v, q, floor) in results {
         for (i, phase) in ["tx", "rx"].iter().enumerate() {
+            let floor: Vec<f64> = floor
+                .iter()
+                .map(|f| if i == 0 { f.tx_us } else { f.rx_us })
+                .collect();
             let col = |r: &[Vec<NetPhase>], g: fn(&NetPhase) -> f64| -> Vec<f64> {
                 r.iter().map(|x| g(&x[i])).collect()
             };
@@ -623,6 +628,25 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
                 col(&v, |p| p.cpu_us_per_frame),
                 col(&q, |p| p.cpu_us_per_frame),
                 "<= 0.5x",
+            );
+            // The host's own cost of the tap read/write per frame, paid by every VMM.
+            let (fmed, fmin, fmax) = stats(floor.clone());
+            println!(
+                "{:<28} host  {fmed:>9.3} us   [{fmin:.3}..{fmax:.3}]   (one host thread on a tap, no VMM)",
+                format!("{phase} {size} B tap floor CPU/frame")
+            );
+            let above = |r: &[Vec<NetPhase>]| -> Vec<f64> {
+                r.iter()
+                    .zip(&floor)
+                    .map(|(x, f)| (x[i].cpu_us_per_frame - f).max(0.0))
+                    .collect()
+            };
+            row(
+                &format!("{phase} {size} B VMM CPU above floor"),
+                "us",
+                above(&v),
+                above(&q),
+                "-",
             );
         }
     }

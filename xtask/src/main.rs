@@ -12,6 +12,7 @@ mod bench;
 mod kernel;
 mod kit;
 mod probe;
+mod tapfloor;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
