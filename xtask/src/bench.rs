@@ -174,6 +174,15 @@ fn row(name: &str, unit: &str, vireo: Vec<f64>, qemu: Vec<f64>, target: &str) {
     );
 }
 
+/// A host-only reference figure (no VMM) printed under the rows it bounds.
+fn floor_row(name: &str, host: Vec<f64>) {
+    if host.is_empty() {
+        return;
+    }
+    let (m, min, max) = stats(host);
+    println!("{name:<28} host  {m:>9.3} us   [{min:.3}..{max:.3}]   (the same I/O from a host thread, no VMM)");
+}
+
 /// `cargo xtask bench boot`: the probe guest's quick mode (boot time, RSS) and pio mode
 /// (cost of one port-I/O exit), N times each in vireo and QEMU microvm, interleaved.
 pub fn boot(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
@@ -359,11 +368,17 @@ fn fio(
     } else {
         &job["read"]
     };
+    // fio's own CPU (user + system, percent of its runtime): the host's cost of the same
+    // O_DIRECT I/O without any VMM, the floor under every VMM's per-request CPU.
+    let pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+    let cpu_us = pct / 100.0 * job["job_runtime"].as_f64().unwrap_or(0.0) * 1000.0;
+    let bytes = side["io_bytes"].as_f64().unwrap_or(0.0);
+    let ios = side["total_ios"].as_f64().unwrap_or(0.0);
     Ok(Phase {
         mb_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         iops: side["iops"].as_f64().unwrap_or(0.0),
-        cpu_us_per_mib: 0.0,
-        cpu_us_per_req: 0.0,
+        cpu_us_per_mib: cpu_us / (bytes / MIB).max(1.0),
+        cpu_us_per_req: cpu_us / ios.max(1.0),
     })
 }
 
@@ -431,6 +446,10 @@ pub fn blk(root: &Path, vireo: &Path, guest: &Path, n: usize) -> Result<()> {
                 col(&q, |p| p.cpu_us_per_mib),
                 "<= 0.5x",
             );
+            floor_row(
+                &format!("{name} fio CPU/MiB"),
+                col(&f, |p| p.cpu_us_per_mib),
+            );
         } else {
             row(
                 &format!("{name} IOPS (fio {fi:.0})"),
@@ -445,6 +464,10 @@ pub fn blk(root: &Path, vireo: &Path, guest: &Path, n: usize) -> Result<()> {
                 col(&v, |p| p.cpu_us_per_req),
                 col(&q, |p| p.cpu_us_per_req),
                 "<= 0.5x",
+            );
+            floor_row(
+                &format!("{name} fio CPU/req"),
+                col(&f, |p| p.cpu_us_per_req),
             );
         }
     }
@@ -630,11 +653,7 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
                 "<= 0.5x",
             );
             // The host's own cost of the tap read/write per frame, paid by every VMM.
-            let (fmed, fmin, fmax) = stats(floor.clone());
-            println!(
-                "{:<28} host  {fmed:>9.3} us   [{fmin:.3}..{fmax:.3}]   (one host thread on a tap, no VMM)",
-                format!("{phase} {size} B tap floor CPU/frame")
-            );
+            floor_row(&format!("{phase} {size} B tap CPU/frame"), floor.clone());
             let above = |r: &[Vec<NetPhase>]| -> Vec<f64> {
                 r.iter()
                     .zip(&floor)
