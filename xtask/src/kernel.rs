@@ -1,6 +1,6 @@
 //! The guest kit's test kernel: a minimal x86_64 Linux built from Debian's
 //! `linux-source-6.1` with `tinyconfig` plus the project's fragment and patches in
-//! `kit/linux/`. Built once per machine under `target/kit/linux` (about 15 minutes on two
+//! `kit/linux/`. Built once per machine under `target/kit/linux` (about 7 minutes on two
 //! cores), and rebuilt — incrementally — when the source package, the fragment, a patch or
 //! the compiler changes.
 
@@ -202,7 +202,7 @@ pub fn build(root: &Path, out: &Path) -> Result<TestKernel> {
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     eprintln!(
-        "kit: building the test kernel with {jobs} jobs (about 15 minutes on 2 cores from clean; log in {})",
+        "kit: building the test kernel with {jobs} jobs (about 7 minutes on 2 cores from clean; log in {})",
         out.join("build.log").display()
     );
     let started = Instant::now();
