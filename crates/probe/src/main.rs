@@ -227,6 +227,7 @@ fn pio(count: u64) {
 
 fn report(boot: &bootinfo::BootInfo) {
     say!("probe: boot protocol=", boot.protocol.name());
+    serial::outsb(COM1, b"probe: string-io rep-outsb=intact\n");
     say!("probe: cmdline=", Text(boot.cmdline()));
     let ram = boot.regions().iter().filter(|r| r.kind == 1);
     let (bytes, n) = ram.fold((0u64, 0u64), |(s, n), r| (s.wrapping_add(r.size), n + 1));

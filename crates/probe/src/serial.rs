@@ -29,6 +29,21 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+/// `rep outsb`: the whole buffer in one string instruction (one exit for the lot, which
+/// the VMM must split into byte accesses).
+pub fn outsb(port: u16, s: &[u8]) {
+    // SAFETY: reads `s.len()` bytes from `s`, which we borrow; rsi/rcx are clobbered.
+    unsafe {
+        asm!(
+            "rep outsb",
+            in("dx") port,
+            inout("rsi") s.as_ptr() => _,
+            inout("rcx") s.len() => _,
+            options(readonly, nostack, preserves_flags)
+        )
+    }
+}
+
 pub fn put(s: &[u8]) {
     for &b in s {
         outb(COM1, b);

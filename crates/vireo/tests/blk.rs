@@ -88,6 +88,17 @@ fn guest_pattern_lands_in_the_file_and_a_second_boot_verifies_it() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(inflight > 1, "the guest never had two requests in flight");
+    // Without `id=`, GET_ID answers the image's device and inode numbers in hex.
+    let meta = fs::metadata(&img).unwrap();
+    let mut want = {
+        use std::os::unix::fs::MetadataExt;
+        format!("{:x}{:x}{:x}", meta.dev(), meta.rdev(), meta.ino())
+    };
+    want.truncate(20);
+    assert_eq!(
+        run.field("probe: blk disk=0 id", "id").as_deref(),
+        Some(want.as_str())
+    );
     assert_pattern(&img, region.0, region.1, 7);
     // Nothing outside the region (and the discard/zero range after it) was written.
     let bytes = fs::read(&img).unwrap();

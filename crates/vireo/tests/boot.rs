@@ -19,6 +19,13 @@ fn check_common_facts(run: &Finished, protocol: &str, vcpus: usize, mem: u64) {
         run.field("probe: boot", "protocol").as_deref(),
         Some(protocol)
     );
+    // One `rep outsb` of a whole line: each byte must reach the UART as its own access.
+    assert!(
+        run.lines()
+            .any(|l| l == "probe: string-io rep-outsb=intact"),
+        "string port I/O was not split into byte accesses:\n{}",
+        run.stdout
+    );
     // The memory map's RAM is what the layout promises for this size.
     assert_eq!(
         run.field("probe: memory", "ram"),

@@ -171,6 +171,21 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// The width of each access in a port-I/O exit. KVM hands over `count` accesses of `size`
+/// bytes in one buffer for string instructions (`rep outsb`, `insw`, ...); each is its own
+/// access to the device, never one wide one.
+fn pio_access_size(run: *const kvm_run) -> usize {
+    // SAFETY: `run` is this vCPU's mapped kvm_run, valid for the thread's life; after an
+    // exit with reason KVM_EXIT_IO the `io` member of the union is the one KVM filled in.
+    // The data buffer the caller holds lies at `io.data_offset`, outside the struct.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    // KVM only reports 1, 2 or 4; anything else is treated as byte accesses.
+    match size {
+        1 | 2 | 4 => usize::from(size),
+        _ => 1,
+    }
+}
+
 fn run(mut vcpu: Vcpu, shared: VcpuShared) {
     let run_ptr: *mut kvm_run = vcpu.fd.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
@@ -179,10 +194,14 @@ fn run(mut vcpu: Vcpu, shared: VcpuShared) {
     while !shared.stop.load(Ordering::Acquire) {
         match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                shared.pio.read(u64::from(port), data);
+                for access in data.chunks_mut(pio_access_size(run_ptr)) {
+                    shared.pio.read(u64::from(port), access);
+                }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                shared.pio.write(u64::from(port), data);
+                for access in data.chunks(pio_access_size(run_ptr)) {
+                    shared.pio.write(u64::from(port), access);
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 shared.mmio.read(addr, data);

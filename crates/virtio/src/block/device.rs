@@ -76,16 +76,29 @@ fn put_u32(config: &mut [u8], offset: usize, v: u32) {
     config[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// The GET_ID answer for a disk given no `id=`: the image's device and inode numbers in hex
+/// (as Firecracker and Cloud Hypervisor derive theirs), so it is stable across boots and
+/// differs between images. Truncated to the 20 bytes GET_ID carries.
+fn default_id(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut id = format!("{:x}{:x}{:x}", meta.dev(), meta.rdev(), meta.ino());
+    id.truncate(ID_LEN);
+    id
+}
+
 impl Block {
     pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
-        let mut id = [0u8; ID_LEN];
-        if let Some(s) = &cfg.id {
-            if s.len() > ID_LEN {
-                return Err(BlockError::IdTooLong(s.clone()));
-            }
-            id[..s.len()].copy_from_slice(s.as_bytes());
-        }
         let disk = DiskImage::open(&cfg.path, cfg.readonly, cfg.direct)?;
+        let id_string = match &cfg.id {
+            Some(s) if s.len() > ID_LEN => return Err(BlockError::IdTooLong(s.clone())),
+            Some(s) => s.clone(),
+            None => std::fs::metadata(&cfg.path)
+                .map(|m| default_id(&m))
+                .unwrap_or_default(),
+        };
+        let mut id = [0u8; ID_LEN];
+        let n = id_string.len().min(ID_LEN);
+        id[..n].copy_from_slice(&id_string.as_bytes()[..n]);
         let bit = |b: u32| 1u64 << b;
         let mut avail_features = features::VIRTIO_F_VERSION_1
             | features::VIRTIO_F_EVENT_IDX
@@ -271,6 +284,27 @@ mod tests {
             _img: img,
             block,
         }
+    }
+
+    #[test]
+    fn images_without_an_id_get_distinct_stable_ids() {
+        let a = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let b = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let id_of = |f: &vmm_sys_util::tempfile::TempFile| {
+            f.as_file().set_len(1 << 20).unwrap();
+            Block::new(&BlockConfig {
+                path: f.as_path().to_path_buf(),
+                readonly: true,
+                direct: false,
+                id: None,
+            })
+            .unwrap()
+            .id
+        };
+        let (ida, idb) = (id_of(&a), id_of(&b));
+        assert_ne!(ida, idb);
+        assert_eq!(ida, id_of(&a));
+        assert!(ida[0] != 0 && ida.iter().all(|&c| c == 0 || c.is_ascii_hexdigit()));
     }
 
     fn activate(r: &mut Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> EventFd {
