@@ -13,7 +13,9 @@ use common::*;
 const LINUX_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The test kernel's boot is emulated instruction by instruction on PVM hosts: tens of
-/// seconds to its device probes when the host is idle, more beside other work.
+/// seconds to its device probes when the host is idle, more beside other work. The device
+/// tests use one vCPU: with more vCPUs than host cores, Linux's stop_machine (its clocksource
+/// switch) spins every vCPU and stops making progress on such hosts, under QEMU too.
 const TEST_KERNEL_TIMEOUT: Duration = Duration::from_secs(360);
 
 /// What vireo adds for PVM hosts (`noxsave clearcpuid=...`) is not repeated here: the tests
