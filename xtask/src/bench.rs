@@ -17,16 +17,18 @@ struct Sample {
     peak_rss_kib: u64,
     /// Each marker line seen: the line, when it arrived, and the CPU time (ns) the VMM's
     /// non-vCPU threads had used by then.
-    marks: Vec<(String, Duration, u64)>,
+    marks: Vec<(String, Duration, Option<VmmCpu>)>,
 }
 
+/// CPU nanoseconds of a VMM's non-vCPU threads, and how many threads that was.
+type VmmCpu = (u64, usize);
+
 /// CPU nanoseconds used so far by `pid`'s threads whose name does not mark them as vCPU
-/// threads (vireo's `vcpuN`, QEMU's `CPU N/KVM` with debug-threads=on), from schedstat.
-fn vmm_thread_cpu_ns(pid: i32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
+/// threads (vireo's `vcpuN`, QEMU's `CPU N/KVM` with debug-threads=on), from schedstat, and
+/// how many such threads there were. A thread that has exited takes its CPU time with it.
+fn vmm_thread_cpu_ns(pid: i32) -> Option<VmmCpu> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let per_thread: Vec<u64> = tasks
         .filter_map(|t| t.ok())
         .filter(|t| {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
@@ -35,7 +37,8 @@ fn vmm_thread_cpu_ns(pid: i32) -> u64 {
         })
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+        .collect();
+    Some((per_thread.iter().sum(), per_thread.len()))
 }
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,7 +154,11 @@ fn qemu_cmd(guest: &Path, cmdline: &str, machine: &str) -> Command {
     c
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+fn stats(v: Vec<f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     let med = if v.len() % 2 == 1 {
         v[v.len() / 2]
@@ -309,7 +316,12 @@ fn phase_window<'a>(s: &'a Sample, prefix: &str, phase: &str) -> Result<(f64, f6
         bail!("phase {phase} has no start/done lines");
     };
     let secs = (done.1 - start.1).as_secs_f64().max(1e-9);
-    let cpu_us = done.2.saturating_sub(start.2) as f64 / 1e3;
+    // A window in which a VMM thread exited (the VM was already going away when the line was
+    // read) has no valid CPU figure: NaN, left out of the statistics.
+    let cpu_us = match (start.2, done.2) {
+        (Some((a, na)), Some((b, nb))) if nb >= na && b >= a => (b - a) as f64 / 1e3,
+        _ => f64::NAN,
+    };
     Ok((secs, cpu_us, &done.0))
 }
 
@@ -657,7 +669,14 @@ pub fn net(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
             let above = |r: &[Vec<NetPhase>]| -> Vec<f64> {
                 r.iter()
                     .zip(&floor)
-                    .map(|(x, f)| (x[i].cpu_us_per_frame - f).max(0.0))
+                    .map(|(x, f)| {
+                        let d = x[i].cpu_us_per_frame - f;
+                        if d.is_nan() {
+                            d
+                        } else {
+                            d.max(0.0)
+                        }
+                    })
                     .collect()
             };
             row(
