@@ -511,7 +511,7 @@ fn net_phases(s: &Sample) -> Result<Vec<NetPhase>> {
         .collect()
 }
 
-fn sh(args: &[&str]) -> Result<()> {
+pub(crate) fn sh(args: &[&str]) -> Result<()> {
     let ok = Command::new(args[0])
         .args(&args[1..])
         .stderr(Stdio::null())

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::output;
+
 pub struct TestKernel {
     pub vmlinux: PathBuf,
     pub release: String,
@@ -28,21 +30,6 @@ const BUILD_PACKAGES: &[&str] = &[
     "patch",
     "xz-utils",
 ];
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// FNV-1a over the parts: a cache key, not a security boundary.
 fn fingerprint(parts: &[&[u8]]) -> String {

@@ -9,6 +9,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::output;
+
 pub struct DebianKernel {
     pub bzimage: PathBuf,
     pub vmlinux: PathBuf,
@@ -16,19 +18,6 @@ pub struct DebianKernel {
 }
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The versioned kernel package the metapackage points at, and its version.
 fn resolve_package() -> Result<(String, String)> {

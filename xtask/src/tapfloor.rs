@@ -3,21 +3,14 @@
 //! thread that reads a host flood out of one (the receive path), each timing its own CPU.
 //! This is the floor under every user-space virtio-net, as host fio is for virtio-blk.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Result};
+use virtio::net::tap::Tap;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// virtio_net_hdr_v1: what vireo and QEMU put in front of every frame.
 const VNET_HDR_LEN: usize = 12;
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xfe, 0x01];
@@ -33,34 +26,15 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn open_tap(name: &str) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("cannot open /dev/net/tun")?;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
+/// Waits until the tap has a frame (as vireo's worker waits in epoll).
+fn wait_readable(tap: &Tap) {
+    let mut pfd = libc::pollfd {
+        fd: tap.fd(),
+        events: libc::POLLIN,
+        revents: 0,
     };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes one ifreq we own.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-    }
-    let mut hdr = VNET_HDR_LEN as libc::c_int;
-    // SAFETY: TUNSETVNETHDRSZ reads one int we own.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &mut hdr) } < 0 {
-        bail!("TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error());
-    }
-    Ok(file)
+    // SAFETY: one pollfd we own; a 100 ms bound so a silent tap cannot hang the bench.
+    unsafe { libc::poll(&mut pfd, 1, 100) };
 }
 
 fn ipv4_checksum(h: &[u8]) -> u16 {
@@ -107,35 +81,26 @@ pub struct Floor {
 }
 
 pub fn measure(size: usize, frames: u64) -> Result<Floor> {
-    let tap = "vbenchf0";
+    let tap_name = "vbenchf0";
     let (host, guest) = (Ipv4Addr::new(10, 220, 2, 1), Ipv4Addr::new(10, 220, 2, 2));
-    let mut file = open_tap(tap)?;
-    let sh = |args: &[&str]| -> Result<()> {
-        let ok = std::process::Command::new("ip")
-            .args(args)
-            .status()?
-            .success();
-        if !ok {
-            bail!("ip {args:?} failed");
-        }
-        Ok(())
-    };
-    sh(&["addr", "add", &format!("{host}/24"), "dev", tap])?;
-    sh(&["link", "set", tap, "up"])?;
-    let mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))?;
+    // vireo's own tap: created with its host address, removed when dropped.
+    let tap = Tap::open(tap_name, Some((host, Ipv4Addr::new(255, 255, 255, 0))))
+        .map_err(|e| anyhow!("{e}"))?;
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{tap_name}/address"))?;
     let mut host_mac = [0u8; 6];
     for (b, s) in host_mac.iter_mut().zip(mac.trim().split(':')) {
         *b = u8::from_str_radix(s, 16)?;
     }
     let guest_mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
-    sh(&[
+    crate::bench::sh(&[
+        "ip",
         "neigh",
         "replace",
         &guest.to_string(),
         "lladdr",
         &guest_mac,
         "dev",
-        tap,
+        tap_name,
         "nud",
         "permanent",
     ])?;
@@ -155,8 +120,12 @@ pub fn measure(size: usize, frames: u64) -> Result<Floor> {
     };
     let frame = udp_frame(host_mac, guest, host, 5001, size);
     let t0 = thread_cpu();
+    let iov = [libc::iovec {
+        iov_base: frame.as_ptr() as *mut libc::c_void,
+        iov_len: frame.len(),
+    }];
     for _ in 0..frames {
-        file.write_all(&frame)?;
+        tap.writev(&iov)?;
     }
     let tx_us = (thread_cpu() - t0).as_secs_f64() * 1e6 / frames as f64;
     stop.store(true, Ordering::Relaxed);
@@ -181,14 +150,17 @@ pub fn measure(size: usize, frames: u64) -> Result<Floor> {
     let (mut n, deadline) = (0u64, Instant::now() + Duration::from_secs(10));
     let t0 = thread_cpu();
     while n < frames && Instant::now() < deadline {
-        // Only the flood's frames: the host also sends router solicitations and the like.
-        if file.read(&mut buf)? == VNET_HDR_LEN + 14 + 20 + 8 + size {
-            n += 1;
+        match tap.read(&mut buf) {
+            // Only the flood's frames: the host also sends router solicitations and the like.
+            Ok(len) if len == VNET_HDR_LEN + 14 + 20 + 8 + size => n += 1,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&tap),
+            Err(e) => return Err(e.into()),
         }
     }
     let rx_us = (thread_cpu() - t0).as_secs_f64() * 1e6 / n.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
     let _ = flood.join();
-    drop(file);
+    drop(tap);
     Ok(Floor { tx_us, rx_us })
 }
