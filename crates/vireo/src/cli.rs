@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Deserialize;
+use virtio::block::IoEngineKind;
 use vmm::{DiskConfig, NetConfig, PlatformConfig, SerialConfig, VmConfig};
 
 /// A user error in the command line or config file.
@@ -24,6 +25,8 @@ pub enum CliError {
         value: String,
         what: &'static str,
     },
+    #[error("{option}: '{key}' is given more than once")]
+    RepeatedKey { option: &'static str, key: String },
     #[error("--serial: '{0}' is not one of tty, off, null, file=PATH")]
     BadSerial(String),
     #[error("--config {path}: {reason}")]
@@ -110,6 +113,7 @@ struct DiskFile {
     #[serde(default)]
     direct: bool,
     id: Option<String>,
+    io_engine: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -164,28 +168,59 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-/// Splits "a=1,b=2" into pairs, refusing keys not in `allowed`.
+/// Splits "a=1,b=2" into pairs, refusing keys not in `allowed` and keys given twice (the
+/// second would silently override the first).
 fn key_values<'a>(
     option: &'static str,
     s: &'a str,
     allowed: &'static [&'static str],
     expected: &'static str,
 ) -> Result<Vec<(&'a str, &'a str)>, CliError> {
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            if allowed.contains(&k) {
-                Ok((k, v))
-            } else {
-                Err(CliError::UnknownKey {
-                    option,
-                    key: k.to_string(),
-                    expected,
-                })
-            }
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for p in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        if !allowed.contains(&k) {
+            return Err(CliError::UnknownKey {
+                option,
+                key: k.to_string(),
+                expected,
+            });
+        }
+        if pairs.iter().any(|(seen, _)| *seen == k) {
+            return Err(CliError::RepeatedKey {
+                option,
+                key: k.to_string(),
+            });
+        }
+        pairs.push((k, v));
+    }
+    Ok(pairs)
+}
+
+/// The log levels `--log-level` takes (anything else would be read as a filter directive
+/// that matches nothing and silently turns logging off).
+pub fn parse_log_level(s: &str) -> Result<&'static str, CliError> {
+    ["off", "error", "warn", "info", "debug", "trace"]
+        .into_iter()
+        .find(|l| l.eq_ignore_ascii_case(s))
+        .ok_or_else(|| CliError::BadValue {
+            option: "--log-level",
+            value: s.to_string(),
+            what: "log level (off, error, warn, info, debug, trace)",
         })
-        .collect()
+}
+
+fn io_engine(v: &str) -> Result<IoEngineKind, CliError> {
+    match v {
+        "auto" => Ok(IoEngineKind::Auto),
+        "io_uring" => Ok(IoEngineKind::Uring),
+        "sync" => Ok(IoEngineKind::Sync),
+        _ => Err(CliError::BadValue {
+            option: "--disk io_engine",
+            value: v.to_string(),
+            what: "I/O engine (auto, io_uring or sync)",
+        }),
+    }
 }
 
 pub fn parse_cpus(s: &str) -> Result<u8, CliError> {
@@ -243,17 +278,19 @@ fn on_off(option: &'static str, v: &str) -> Result<bool, CliError> {
 pub fn parse_disk(s: &str) -> Result<DiskConfig, CliError> {
     let mut path = None;
     let (mut readonly, mut direct, mut id) = (false, false, None);
+    let mut engine = IoEngineKind::default();
     for (k, v) in key_values(
         "--disk",
         s,
-        &["path", "readonly", "direct", "id"],
-        "path=FILE[,readonly=on][,direct=on][,id=ID]",
+        &["path", "readonly", "direct", "id", "io_engine"],
+        "path=FILE[,readonly=on][,direct=on][,id=ID][,io_engine=auto|io_uring|sync]",
     )? {
         match k {
             "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
             "readonly" => readonly = on_off("--disk readonly", v)?,
             "direct" => direct = on_off("--disk direct", v)?,
             "id" => id = Some(v.to_string()),
+            "io_engine" => engine = io_engine(v)?,
             _ => {
                 return Err(CliError::BadValue {
                     option: "--disk",
@@ -273,6 +310,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, CliError> {
         readonly,
         direct,
         id,
+        io_engine: engine,
     })
 }
 
@@ -400,13 +438,21 @@ impl Cli {
             file.disks
                 .unwrap_or_default()
                 .into_iter()
-                .map(|d| DiskConfig {
-                    path: d.path,
-                    readonly: d.readonly,
-                    direct: d.direct,
-                    id: d.id,
+                .map(|d| {
+                    Ok(DiskConfig {
+                        io_engine: d
+                            .io_engine
+                            .as_deref()
+                            .map(io_engine)
+                            .transpose()?
+                            .unwrap_or_default(),
+                        path: d.path,
+                        readonly: d.readonly,
+                        direct: d.direct,
+                        id: d.id,
+                    })
                 })
-                .collect()
+                .collect::<Result<Vec<_>, CliError>>()?
         };
         let nets = if !self.net.is_empty() {
             self.net

@@ -27,14 +27,13 @@ fn main() -> ExitCode {
         }
     };
 
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+    let level = match cli::parse_log_level(&args.log_level) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(level) {
         Ok(f) => f,
-        Err(_) => {
-            return fail(format!(
-                "--log-level: '{}' is not a log level",
-                args.log_level
-            ))
-        }
+        Err(e) => return fail(format!("--log-level: {e}")),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -293,6 +293,64 @@ pub fn avail_ring_is_sane<M: vm_memory::GuestMemory>(queue: &mut Queue, mem: &M)
     queue.iter(mem).is_ok()
 }
 
+/// The descriptor heads a device holds: made available by the driver and not yet returned
+/// through the used ring. A driver may not make a buffer available again before the device
+/// has used it (§2.7.13), so a head that is already held is a driver error, and the set
+/// bounds what a device keeps in flight by the queue size.
+#[derive(Debug, Clone)]
+pub struct HeldHeads {
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl HeldHeads {
+    /// A set for a queue of `size` descriptors.
+    pub fn new(size: u16) -> Self {
+        Self {
+            bits: vec![0; usize::from(size).div_ceil(64).max(1)],
+            len: 0,
+        }
+    }
+
+    /// Marks `head` held; false when it already was (or is outside the queue).
+    pub fn insert(&mut self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head) / 64, 1u64 << (head % 64));
+        match self.bits.get_mut(word) {
+            Some(w) if *w & bit == 0 => {
+                *w |= bit;
+                self.len += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Returns `head` to the driver.
+    pub fn remove(&mut self, head: u16) {
+        let (word, bit) = (usize::from(head) / 64, 1u64 << (head % 64));
+        if let Some(w) = self.bits.get_mut(word) {
+            if *w & bit != 0 {
+                *w &= !bit;
+                self.len -= 1;
+            }
+        }
+    }
+
+    pub fn contains(&self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head) / 64, 1u64 << (head % 64));
+        self.bits.get(word).is_some_and(|w| w & bit != 0)
+    }
+
+    /// How many heads are held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The two ends of the eventfd that stops a device's worker thread: the device keeps one,
 /// the worker waits on the other.
 pub fn kill_eventfds(device: &'static str) -> Result<(EventFd, EventFd), ActivateError> {
@@ -334,6 +392,21 @@ fn config_range(config_len: usize, offset: u64, len: usize) -> Option<std::ops::
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn held_heads_refuse_a_head_twice_and_bound_the_count() {
+        let mut h = super::HeldHeads::new(256);
+        assert!(h.insert(0) && h.insert(255) && h.insert(64));
+        assert!(!h.insert(64), "a held head cannot be made available again");
+        assert!(!h.insert(256), "outside the queue");
+        assert_eq!(h.len(), 3);
+        h.remove(64);
+        h.remove(64);
+        assert_eq!(h.len(), 2);
+        assert!(h.insert(64) && h.contains(255) && !h.contains(1));
+        assert!((0..256).filter(|&i| h.insert(i)).count() == 253);
+        assert_eq!(h.len(), 256);
+    }
+
     use super::*;
     use std::sync::Mutex;
 

@@ -14,7 +14,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::Worker;
-use super::io::{DiskError, DiskImage};
+use super::io::{DiskError, DiskImage, IoEngineKind};
 use super::metrics::BlockMetrics;
 use super::request::{ID_LEN, SECTOR_SIZE};
 use crate::device::{
@@ -42,6 +42,8 @@ pub struct BlockConfig {
     pub direct: bool,
     /// What GET_ID answers (at most 20 bytes).
     pub id: Option<String>,
+    /// What moves the data: io_uring, or plain system calls on the worker.
+    pub io_engine: IoEngineKind,
 }
 
 /// Errors creating a block device.
@@ -62,6 +64,7 @@ struct Active {
 pub struct Block {
     disk: Arc<DiskImage>,
     direct: bool,
+    io_engine: IoEngineKind,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
     id: [u8; ID_LEN],
@@ -125,6 +128,7 @@ impl Block {
         Ok(Self {
             disk: Arc::new(disk),
             direct: cfg.direct,
+            io_engine: cfg.io_engine,
             avail_features,
             config,
             id,
@@ -183,6 +187,7 @@ impl VirtioDevice for Block {
             ctx.needs_reset,
             self.disk.clone(),
             self.direct,
+            self.io_engine,
             self.id,
             self.metrics.clone(),
             worker_kill,
@@ -276,6 +281,7 @@ mod tests {
             readonly,
             direct: false,
             id: Some("unit".into()),
+            io_engine: IoEngineKind::Auto,
         })
         .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
@@ -297,6 +303,7 @@ mod tests {
                 readonly: true,
                 direct: false,
                 id: None,
+                io_engine: IoEngineKind::Auto,
             })
             .unwrap()
             .id
@@ -355,6 +362,81 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("reset hung on the worker");
         let _ = block.join();
+    }
+
+    /// A driver that makes a head available again while the device holds it (the attack that
+    /// kept a worker popping forever and grew its memory without bound) breaks the ring: the
+    /// device raises DEVICE_NEEDS_RESET, answers the first copy, and resets promptly.
+    #[test]
+    fn a_head_posted_again_while_held_raises_needs_reset() {
+        let mut r = rig(false);
+        let m = r.mem.clone();
+        let vq = MockSplitQueue::new(&m, 16);
+        header(&m, 0x10_0000, VIRTIO_BLK_T_GET_ID, 0);
+        vq.add_desc_chains(
+            &[
+                desc(0x10_0000, 16, NEXT, 1),
+                desc(0x10_1000, 20, NEXT | WRITE, 2),
+                desc(0x10_2000, 1, WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        // The same head twice more on the available ring before the device has used it.
+        for slot in 1..3 {
+            vq.avail().ring().ref_at(slot).unwrap().store(0);
+        }
+        vq.avail().idx().store(3);
+        let (_evt, needs_reset) = activate_watching(&mut r, &vq);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !needs_reset.is_raised() {
+            assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET never raised");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        wait_used(&vq, 1);
+        r.block.reset();
+        assert_eq!(vq.used().idx().load(), 1, "only the first copy is answered");
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), 0);
+    }
+
+    /// The synchronous engine serves the same requests as io_uring.
+    #[test]
+    fn the_sync_engine_serves_requests() {
+        let img = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        img.as_file().set_len(1 << 20).unwrap();
+        let mut r = Rig {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
+            block: Block::new(&BlockConfig {
+                path: img.as_path().to_path_buf(),
+                readonly: false,
+                direct: false,
+                id: None,
+                io_engine: IoEngineKind::Sync,
+            })
+            .unwrap(),
+            _img: img,
+        };
+        let m = r.mem.clone();
+        let vq = MockSplitQueue::new(&m, 16);
+        header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, 4);
+        m.write_slice(&[0x5a; 1024], GuestAddress(0x10_1000))
+            .unwrap();
+        vq.add_desc_chains(
+            &[
+                desc(0x10_0000, 16, NEXT, 1),
+                desc(0x10_1000, 1024, NEXT, 2),
+                desc(0x10_2000, 1, WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let _evt = activate(&mut r, &vq);
+        wait_used(&vq, 1);
+        r.block.reset();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), 0);
+        let mut back = vec![0u8; 1024];
+        std::os::unix::fs::FileExt::read_exact_at(r._img.as_file(), &mut back, 2048).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
     }
 
     /// Waits until the used ring's index reaches `n`.

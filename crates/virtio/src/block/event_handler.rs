@@ -21,12 +21,14 @@ use vm_memory::{
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::io::{DiskImage, IoEngine, IoOp};
+use super::io::{DiskImage, IoEngine, IoEngineKind, IoOp};
 use super::metrics::BlockMetrics;
 use super::request::{
     parse, Parsed, Request, RequestType, Segment, DISCARD_SEGMENT_LEN, ID_LEN, SECTOR_SIZE,
 };
-use crate::device::{avail_ring_is_sane, DeviceNeedsReset, VirtioInterrupt, VirtioInterruptType};
+use crate::device::{
+    avail_ring_is_sane, DeviceNeedsReset, HeldHeads, VirtioInterrupt, VirtioInterruptType,
+};
 use crate::transport::WarnLimiter;
 
 use super::device::MAX_REQUEST_DATA;
@@ -40,6 +42,8 @@ const RING_ENTRIES: u32 = 256;
 const MAX_IOVECS: usize = 1024;
 /// Most bytes one merged read or write may move (the kernel moves at most ~2 GiB per call).
 const MAX_MERGED_BYTES: u64 = 1 << 30;
+/// Chains taken from the available ring before the worker returns to its epoll.
+const PASS_LIMIT: usize = super::device::QUEUE_SIZE as usize;
 
 /// Errors setting up a worker.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,9 @@ pub(super) struct Worker {
     needs_reset: DeviceNeedsReset,
     /// The driver broke the available ring; nothing more is taken from it until a reset.
     broken: bool,
+    /// Heads taken from the available ring and not yet put in the used ring: at most the
+    /// queue size, whatever the driver does.
+    held: HeldHeads,
 }
 
 /// How one request is answered right away, without the backend.
@@ -121,11 +128,12 @@ impl Worker {
         needs_reset: DeviceNeedsReset,
         disk: Arc<DiskImage>,
         direct: bool,
+        io_engine: IoEngineKind,
         id: [u8; ID_LEN],
         metrics: Arc<BlockMetrics>,
         kill: EventFd,
     ) -> Result<Self, WorkerError> {
-        let engine = IoEngine::new(RING_ENTRIES, disk.path())?;
+        let engine = IoEngine::new(RING_ENTRIES, disk.path(), io_engine)?;
         let buffered = if direct {
             Some(
                 std::fs::OpenOptions::new()
@@ -140,6 +148,7 @@ impl Worker {
         } else {
             None
         };
+        let queue_size = queue.size();
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
         // The queue and completion eventfds are edge-triggered and never read: every write
         // (a guest notification through the ioeventfd, an io_uring completion) wakes us once,
@@ -181,6 +190,7 @@ impl Worker {
             warn_limiter: WarnLimiter::default(),
             needs_reset,
             broken: false,
+            held: HeldHeads::new(queue_size),
         })
     }
 
@@ -255,9 +265,20 @@ impl Worker {
             let _ = self.queue.disable_notification(&*mem);
             let mut immediate = Vec::new();
             let mut io = Vec::new();
-            while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
+            // At most a queue's worth per pass: a driver that keeps the ring just ahead of
+            // us cannot keep the worker from its other events.
+            while taken < PASS_LIMIT {
+                let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
                 BlockMetrics::add(&self.metrics.requests, 1);
                 taken += 1;
+                if !self.held.insert(chain.head_index()) {
+                    // The driver made a buffer available that we still own (§2.7.13): its
+                    // request may be in flight, so the chain cannot be answered either.
+                    self.broken = true;
+                    break;
+                }
                 match parse(chain, &*mem, MAX_REQUEST_DATA) {
                     Parsed::Request(r) => self.classify(&*mem, r, &mut immediate, &mut io),
                     Parsed::Invalid {
@@ -283,10 +304,14 @@ impl Worker {
                 self.finish(i);
             }
             self.submit_io(io);
+            if self.broken {
+                self.held_head_reused();
+                return;
+            }
             if self.engine.in_flight() > 0 {
                 break;
             }
-            if taken >= usize::from(super::device::QUEUE_SIZE) {
+            if taken >= PASS_LIMIT {
                 // A full queue's worth this round: look at other events (a reset) first and
                 // come back through our own eventfd, with notifications still off.
                 let _ = self.queue_evt.write(1);
@@ -297,6 +322,25 @@ impl Worker {
                 Ok(true) => continue,
                 _ => break,
             }
+        }
+    }
+
+    /// The driver re-posted a head the device holds: stop taking from the ring (what is in
+    /// flight still completes) and tell the driver (§2.1.2).
+    fn held_head_reused(&mut self) {
+        self.warn(
+            "virtio-blk: the driver made a buffer available that the device still holds; device needs reset",
+        );
+        if let Err(e) = self.needs_reset.raise() {
+            tracing::error!("virtio-blk: cannot signal the guest: {e}");
+        }
+    }
+
+    /// Puts a finished chain in the used ring and returns its head to the driver.
+    fn put_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) {
+        self.held.remove(head);
+        if self.queue.add_used(mem, head, len).is_ok() {
+            self.used_since_signal = true;
         }
     }
 
@@ -390,9 +434,7 @@ impl Worker {
                 (head, 0)
             }
         };
-        if self.queue.add_used(&*mem, head, used_len).is_ok() {
-            self.used_since_signal = true;
-        }
+        self.put_used(&*mem, head, used_len);
     }
 
     /// Host iovecs for guest segments; None if a segment cannot be mapped in one piece.
@@ -512,9 +554,7 @@ impl Worker {
                                 BlockMetrics::add(&self.metrics.io_errors, 1);
                             }
                             let _ = mem.write_obj(value as u8, r.status);
-                            if self.queue.add_used(&*mem, r.head, 1).is_ok() {
-                                self.used_since_signal = true;
-                            }
+                            self.put_used(&*mem, r.head, 1);
                         }
                     }
                     i += 1;
@@ -525,9 +565,7 @@ impl Worker {
         for (head, status) in answers {
             BlockMetrics::add(&self.metrics.io_errors, 1);
             let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, status);
-            if self.queue.add_used(&*mem, head, 1).is_ok() {
-                self.used_since_signal = true;
-            }
+            self.put_used(&*mem, head, 1);
         }
         drop(mem);
         if let Err(e) = self.engine.submit() {
@@ -635,9 +673,7 @@ impl Worker {
                     (VIRTIO_BLK_S_IOERR, 1)
                 };
                 let _ = mem.write_obj(value as u8, p.status);
-                if self.queue.add_used(&*mem, p.head, used).is_ok() {
-                    self.used_since_signal = true;
-                }
+                self.put_used(&*mem, p.head, used);
             }
         }
         drop(mem);

@@ -45,6 +45,18 @@ pub struct DiskImage {
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Takes an OFD record lock over the whole file (shared for reading, exclusive for
+/// writing); false when another open file description holds a conflicting one.
+fn ofd_lock(file: &File, shared: bool) -> bool {
+    // SAFETY: an all-zero flock is a valid value to fill in.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0, l_len 0: from the start to the end of the file, however it grows.
+    // SAFETY: F_OFD_SETLK reads the flock we own for the call.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) == 0 }
+}
+
 impl DiskImage {
     /// Opens and locks `path`: an exclusive lock for a writable image, a shared one for a
     /// read-only image, so two VMs cannot write the same image. `direct` bypasses the host
@@ -74,6 +86,13 @@ impl DiskImage {
         };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            return Err(DiskError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        // QEMU and Cloud Hypervisor lock images with open file description (OFD) record
+        // locks, which flock does not see: take one over the whole file too.
+        if !ofd_lock(&file, readonly) {
             return Err(DiskError::Locked {
                 path: path.to_path_buf(),
             });
@@ -164,36 +183,84 @@ unsafe impl Send for IoOp {}
 /// What a completed operation returned: bytes moved, or a negative errno.
 pub type IoResult = i32;
 
-/// An io_uring whose completions signal an eventfd, so the device thread can wait for
-/// queue notifications and I/O completions in one epoll.
+/// Which backend moves a disk's data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngineKind {
+    /// io_uring, or the synchronous engine when io_uring cannot be set up (disabled by
+    /// sysctl, refused by a container's seccomp filter, an old kernel).
+    #[default]
+    Auto,
+    /// io_uring only: a disk whose ring cannot be set up fails to start.
+    Uring,
+    /// `preadv`/`pwritev`/`fdatasync`/`fallocate` on the worker thread, one at a time.
+    Sync,
+}
+
+/// The block backend behind one worker: many operations in flight on an io_uring, or the
+/// synchronous fallback. Either way completions are collected with [`IoEngine::reap`] when
+/// [`IoEngine::completion_fd`] is readable, so the worker is the same for both.
 pub struct IoEngine {
-    ring: IoUring,
     completion_evt: EventFd,
-    /// Operations the kernel owns, keyed by token (their iovec arrays live here).
+    /// Operations started and not yet reaped, keyed by token (their iovec arrays live here).
     in_flight: HashMap<u64, IoOp>,
-    /// Operations that did not fit the submission queue yet.
-    backlog: Vec<(RawFd, u64, IoOp)>,
     max_in_flight: usize,
+    backend: Backend,
+}
+
+enum Backend {
+    Uring {
+        ring: Box<IoUring>,
+        /// Operations that did not fit the submission queue yet.
+        backlog: Vec<(RawFd, u64, IoOp)>,
+    },
+    /// Results of operations already done, waiting to be reaped.
+    Sync { done: Vec<(u64, IoResult)> },
 }
 
 impl IoEngine {
-    pub fn new(entries: u32, path: &Path) -> Result<Self, DiskError> {
+    /// An engine of `kind` with room for `entries` operations in flight on io_uring.
+    pub fn new(entries: u32, path: &Path, kind: IoEngineKind) -> Result<Self, DiskError> {
         let ring_err = |source| DiskError::Ring {
             path: path.to_path_buf(),
             source,
         };
-        let ring = IoUring::new(entries).map_err(ring_err)?;
         let completion_evt = EventFd::new(EFD_NONBLOCK).map_err(ring_err)?;
-        ring.submitter()
-            .register_eventfd(completion_evt.as_raw_fd())
-            .map_err(ring_err)?;
+        let backend = match kind {
+            IoEngineKind::Sync => Backend::Sync { done: Vec::new() },
+            IoEngineKind::Uring | IoEngineKind::Auto => {
+                match Self::ring(entries, &completion_evt) {
+                    Ok(ring) => Backend::Uring {
+                        ring: Box::new(ring),
+                        backlog: Vec::new(),
+                    },
+                    Err(e) if kind == IoEngineKind::Auto => {
+                        tracing::warn!(
+                            "disk image {}: io_uring unavailable ({e}); using synchronous I/O",
+                            path.display()
+                        );
+                        Backend::Sync { done: Vec::new() }
+                    }
+                    Err(e) => return Err(ring_err(e)),
+                }
+            }
+        };
         Ok(Self {
-            ring,
             completion_evt,
             in_flight: HashMap::new(),
-            backlog: Vec::new(),
             max_in_flight: 0,
+            backend,
         })
+    }
+
+    fn ring(entries: u32, evt: &EventFd) -> std::io::Result<IoUring> {
+        let ring = IoUring::new(entries)?;
+        ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        Ok(ring)
+    }
+
+    /// Whether operations run synchronously (io_uring was not used).
+    pub fn is_sync(&self) -> bool {
+        matches!(self.backend, Backend::Sync { .. })
     }
 
     /// Readable when completions are waiting.
@@ -207,60 +274,45 @@ impl IoEngine {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() + self.backlog.len()
+        let backlog = match &self.backend {
+            Backend::Uring { backlog, .. } => backlog.len(),
+            Backend::Sync { .. } => 0,
+        };
+        self.in_flight.len() + backlog
     }
 
-    /// Queues `op` on `fd`; `submit` hands queued operations to the kernel.
+    /// Queues `op` on `fd`; `submit` hands queued operations to the kernel. The synchronous
+    /// engine does the operation here.
     pub fn push(&mut self, fd: RawFd, token: u64, op: IoOp) {
-        let fd = types::Fd(fd);
-        let entry = match &op {
-            IoOp::Read { offset, iovecs } => {
-                opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(*offset)
-                    .build()
+        match &mut self.backend {
+            Backend::Sync { done } => {
+                done.push((token, run_sync(fd, &op)));
+                self.in_flight.insert(token, op);
+                let _ = self.completion_evt.write(1);
             }
-            IoOp::Write { offset, iovecs } => {
-                opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(*offset)
-                    .build()
-            }
-            // IO_DRAIN: a FLUSH covers every write submitted before it (§5.2.6.1).
-            IoOp::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .flags(io_uring::squeue::Flags::IO_DRAIN),
-            IoOp::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
-                .offset(*offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            IoOp::WriteZeroes { offset, len, unmap } => {
-                let mode = if *unmap {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            Backend::Uring { ring, backlog } => {
+                let entry = uring_entry(fd, token, &op);
+                // SAFETY: the entry's buffers (iovec arrays and what they point to) stay
+                // valid until the completion: the iovecs are owned by `in_flight`, guest
+                // memory by the VM.
+                let pushed = unsafe { ring.submission().push(&entry) }.is_ok();
+                if pushed {
+                    self.in_flight.insert(token, op);
                 } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                opcode::Fallocate::new(fd, *len)
-                    .offset(*offset)
-                    .mode(mode)
-                    .build()
+                    backlog.push((fd, token, op));
+                }
             }
-        }
-        .user_data(token);
-        // SAFETY: the entry's buffers (iovec arrays and what they point to) stay valid until
-        // the completion: the iovecs are owned by `in_flight`, guest memory by the VM.
-        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
-        if pushed {
-            self.in_flight.insert(token, op);
-        } else {
-            self.backlog.push((fd.0, token, op));
         }
         self.max_in_flight = self.max_in_flight.max(self.in_flight.len());
     }
 
     /// Submits what was pushed.
     pub fn submit(&mut self) -> std::io::Result<()> {
+        let Backend::Uring { ring, .. } = &mut self.backend else {
+            return Ok(());
+        };
         loop {
-            match self.ring.submit() {
+            match ring.submit() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // EBUSY/EAGAIN: completions must be reaped first; the caller will come back.
@@ -275,28 +327,160 @@ impl IoEngine {
     /// Collects finished operations as (token, op, result), then refills the submission
     /// queue from the backlog.
     pub fn reap(&mut self, out: &mut Vec<(u64, IoOp, IoResult)>) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let done: Vec<(u64, i32)> = match &mut self.backend {
+            Backend::Uring { ring, .. } => ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect(),
+            Backend::Sync { done } => std::mem::take(done),
+        };
         for (token, result) in done {
             if let Some(op) = self.in_flight.remove(&token) {
                 out.push((token, op, result));
             }
         }
-        let backlog = std::mem::take(&mut self.backlog);
-        for (fd, token, op) in backlog {
-            self.push(fd, token, op);
+        if let Backend::Uring { backlog, .. } = &mut self.backend {
+            let backlog = std::mem::take(backlog);
+            for (fd, token, op) in backlog {
+                self.push(fd, token, op);
+            }
         }
     }
 
-    /// Blocks until at least one completion is available (tests, and draining at reset).
+    /// Blocks until at least one completion is available (tests, and draining at reset). A
+    /// signal that interrupts the wait (SIGSTOP/SIGCONT, a vCPU kick) does not end it.
     pub fn wait(&mut self) -> std::io::Result<()> {
         if self.in_flight.is_empty() {
             return Ok(());
         }
-        self.ring.submit_and_wait(1).map(|_| ())
+        let Backend::Uring { ring, .. } = &mut self.backend else {
+            return Ok(());
+        };
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn uring_entry(fd: RawFd, token: u64, op: &IoOp) -> io_uring::squeue::Entry {
+    let fd = types::Fd(fd);
+    match op {
+        IoOp::Read { offset, iovecs } => {
+            opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(*offset)
+                .build()
+        }
+        IoOp::Write { offset, iovecs } => {
+            opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(*offset)
+                .build()
+        }
+        // IO_DRAIN: a FLUSH covers every write submitted before it (§5.2.6.1).
+        IoOp::Flush => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .flags(io_uring::squeue::Flags::IO_DRAIN),
+        IoOp::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
+            .offset(*offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build(),
+        IoOp::WriteZeroes { offset, len, unmap } => opcode::Fallocate::new(fd, *len)
+            .offset(*offset)
+            .mode(zeroing_mode(*unmap))
+            .build(),
+    }
+    .user_data(token)
+}
+
+fn zeroing_mode(unmap: bool) -> i32 {
+    if unmap {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    }
+}
+
+/// Does `op` with plain system calls, as io_uring would: bytes moved or a negative errno.
+/// A short transfer is continued, so only an error or end of file ends one early.
+fn run_sync(fd: RawFd, op: &IoOp) -> IoResult {
+    let errno = || {
+        -std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    let retry = |r: isize| {
+        r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    };
+    match op {
+        IoOp::Read { offset, iovecs } | IoOp::Write { offset, iovecs } => {
+            let write = matches!(op, IoOp::Write { .. });
+            let mut iovecs = iovecs.clone();
+            let mut done: usize = 0;
+            let mut first = 0usize;
+            while first < iovecs.len() {
+                let count = (iovecs.len() - first).min(1024) as libc::c_int;
+                let at = (*offset + done as u64) as libc::off_t;
+                // SAFETY: the iovecs point into guest memory the caller bounds-checked and
+                // keeps mapped for the call.
+                let n = unsafe {
+                    if write {
+                        libc::pwritev(fd, iovecs[first..].as_ptr(), count, at)
+                    } else {
+                        libc::preadv(fd, iovecs[first..].as_ptr(), count, at)
+                    }
+                };
+                if retry(n) {
+                    continue;
+                }
+                if n < 0 {
+                    return errno();
+                }
+                if n == 0 {
+                    break;
+                }
+                let mut n = n as usize;
+                done += n;
+                while first < iovecs.len() && n >= iovecs[first].iov_len {
+                    n -= iovecs[first].iov_len;
+                    first += 1;
+                }
+                if n > 0 {
+                    let v = &mut iovecs[first];
+                    // SAFETY: advancing inside the same buffer by less than its length.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+                    v.iov_len -= n;
+                }
+            }
+            i32::try_from(done).unwrap_or(i32::MAX)
+        }
+        IoOp::Flush => loop {
+            // SAFETY: fdatasync on a descriptor the disk owns.
+            let r = unsafe { libc::fdatasync(fd) } as isize;
+            if retry(r) {
+                continue;
+            }
+            return if r < 0 { errno() } else { 0 };
+        },
+        IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
+            let mode = match op {
+                IoOp::WriteZeroes { unmap, .. } => zeroing_mode(*unmap),
+                _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            };
+            loop {
+                // SAFETY: fallocate on a descriptor the disk owns.
+                let r = unsafe {
+                    libc::fallocate(fd, mode, *offset as libc::off_t, *len as libc::off_t)
+                } as isize;
+                if retry(r) {
+                    continue;
+                }
+                return if r < 0 { errno() } else { 0 };
+            }
+        }
     }
 }
 
@@ -349,6 +533,30 @@ mod tests {
         let _ro2 = DiskImage::open(&p, true, false).unwrap();
     }
 
+    /// QEMU's and Cloud Hypervisor's way of locking: OFD record locks, not flock.
+    #[test]
+    fn an_image_another_vmm_holds_with_ofd_locks_is_refused() {
+        let (_t, p) = image(1 << 20);
+        let other = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        assert!(
+            ofd_lock(&other, true),
+            "a shared lock, as a read-only user holds"
+        );
+        assert!(matches!(
+            DiskImage::open(&p, false, false),
+            Err(DiskError::Locked { .. })
+        ));
+        let _ro = DiskImage::open(&p, true, false).unwrap();
+        drop(other);
+        drop(_ro);
+        let other = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        assert!(ofd_lock(&other, false));
+        assert!(matches!(
+            DiskImage::open(&p, true, false),
+            Err(DiskError::Locked { .. })
+        ));
+    }
+
     fn run(engine: &mut IoEngine, fd: RawFd, ops: Vec<IoOp>) -> Vec<(u64, IoResult)> {
         for (i, op) in ops.into_iter().enumerate() {
             engine.push(fd, i as u64, op);
@@ -367,9 +575,18 @@ mod tests {
 
     #[test]
     fn reads_writes_flush_and_zeroing_through_the_ring() {
+        engine_round_trip(IoEngineKind::Uring);
+    }
+
+    #[test]
+    fn reads_writes_flush_and_zeroing_without_io_uring() {
+        engine_round_trip(IoEngineKind::Sync);
+    }
+
+    fn engine_round_trip(kind: IoEngineKind) {
         let (_t, p) = image(1 << 20);
         let disk = DiskImage::open(&p, false, false).unwrap();
-        let mut engine = IoEngine::new(8, &p).unwrap();
+        let mut engine = IoEngine::new(8, &p, kind).unwrap();
         let mut a = vec![0xaau8; 4096];
         let mut b = vec![0xbbu8; 4096];
         let iov = |buf: &mut Vec<u8>| libc::iovec {
@@ -424,5 +641,6 @@ mod tests {
         assert_eq!(done, vec![(0, 4096)]);
         assert!(r.iter().all(|&x| x == 0));
         assert!(engine.max_in_flight() >= 2);
+        assert_eq!(engine.is_sync(), kind == IoEngineKind::Sync);
     }
 }

@@ -9,4 +9,5 @@ mod metrics;
 pub mod request;
 
 pub use device::{Block, BlockConfig, BlockError, QUEUE_SIZE, SEG_MAX, SIZE_MAX};
+pub use io::IoEngineKind;
 pub use metrics::BlockMetrics;

@@ -22,8 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::device::{
-    avail_ring_is_sane, ActivateContext, ActivateError, DeviceNeedsReset, VirtioInterrupt,
-    VirtioInterruptType,
+    avail_ring_is_sane, ActivateContext, ActivateError, DeviceNeedsReset, HeldHeads,
+    VirtioInterrupt, VirtioInterruptType,
 };
 use crate::transport::WarnLimiter;
 
@@ -44,14 +44,19 @@ const MAX_TX: u64 = 65_550 + VNET_HDR_LEN as u64;
 const MAX_CHAIN_DESCS: usize = 256;
 /// Transmit chains taken before the worker looks at its other events.
 const TX_BATCH: u16 = 256;
+/// Control commands taken before the worker looks at its other events.
+const CTRL_BATCH: u16 = 64;
+/// Frames delivered, and receive chains taken for one frame, before the worker looks at
+/// its other events.
+const RX_BATCH: usize = 256;
 /// Longest control command we read.
 const MAX_CTRL: u64 = 4096;
 
 struct QueueIo {
     index: u16,
     queue: Queue,
-    /// Registered (edge-triggered) in epoll; kept open here.
-    _evt: EventFd,
+    /// Registered (edge-triggered) in epoll; also written by us to come back later.
+    evt: EventFd,
     used_since_signal: bool,
 }
 
@@ -96,6 +101,8 @@ pub(super) struct Worker {
     pending: Option<usize>,
     /// Receive chains taken for a frame that did not fit in them alone.
     rx_reserved: std::collections::VecDeque<RxChain>,
+    /// Heads of the reserved chains: a driver that posts one again breaks the ring.
+    rx_held: HeldHeads,
     /// Whether epoll watches the tap; not while the guest has no receive buffers, so a
     /// flood then costs no wake-ups at all.
     tap_armed: bool,
@@ -134,7 +141,7 @@ impl Worker {
             let q = QueueIo {
                 index,
                 queue,
-                _evt: evt,
+                evt: evt,
                 used_since_signal: false,
             };
             match index {
@@ -147,6 +154,7 @@ impl Worker {
         let (Some(rx), Some(tx)) = (rx, tx) else {
             return Err((tap, ActivateError::MissingQueue { index: RX }));
         };
+        let rx_size = rx.queue.size();
         if want_ctrl && ctrl.is_none() {
             return Err((tap, ActivateError::MissingQueue { index: CTRL }));
         }
@@ -163,13 +171,13 @@ impl Worker {
         };
         let edge = EventSet::IN | EventSet::EDGE_TRIGGERED;
         let mut fds = vec![
-            (rx._evt.as_raw_fd(), TOKEN_RX, edge),
-            (tx._evt.as_raw_fd(), TOKEN_TX, edge),
+            (rx.evt.as_raw_fd(), TOKEN_RX, edge),
+            (tx.evt.as_raw_fd(), TOKEN_TX, edge),
             (tap.fd(), TOKEN_TAP, edge),
             (kill.as_raw_fd(), TOKEN_KILL, EventSet::IN),
         ];
         if let Some(c) = &ctrl {
-            fds.push((c._evt.as_raw_fd(), TOKEN_CTRL, edge));
+            fds.push((c.evt.as_raw_fd(), TOKEN_CTRL, edge));
         }
         for (fd, token, events) in fds {
             if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
@@ -202,6 +210,7 @@ impl Worker {
             },
             pending: None,
             rx_reserved: std::collections::VecDeque::new(),
+            rx_held: HeldHeads::new(rx_size),
             tap_armed: true,
             frame: vec![0u8; MAX_FRAME],
             metrics,
@@ -295,7 +304,10 @@ impl Worker {
                 self.ring_broken("transmit");
                 return;
             }
-            while let Some(chain) = self.tx.queue.pop_descriptor_chain(&*mem) {
+            while taken < usize::from(TX_BATCH) {
+                let Some(chain) = self.tx.queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
                 taken += 1;
                 let head = chain.head_index();
                 let mut iovecs = Vec::new();
@@ -341,7 +353,7 @@ impl Worker {
             }
             if taken >= usize::from(TX_BATCH) {
                 // Come back through our own eventfd after looking at other events.
-                let _ = self.tx._evt.write(1);
+                let _ = self.tx.evt.write(1);
                 return;
             }
             match self.tx.queue.enable_notification(&*mem) {
@@ -353,7 +365,7 @@ impl Worker {
 
     /// Delivers frames from the tap while the guest has buffers for them.
     fn process_rx(&mut self) {
-        loop {
+        for _ in 0..RX_BATCH {
             if self.broken {
                 return;
             }
@@ -392,6 +404,17 @@ impl Worker {
                     self.warn("virtio-net: frame larger than the receive buffers dropped");
                     NetMetrics::add(&self.metrics.rx_too_big, 1);
                 }
+                Delivery::Broken => {
+                    self.ring_broken("receive");
+                    return;
+                }
+                Delivery::Yield => {
+                    // The driver kept the ring busy with chains that hold nothing: look at
+                    // the other events first, then come back for this frame.
+                    self.pending = Some(len);
+                    let _ = self.rx.evt.write(1);
+                    return;
+                }
                 Delivery::NoBuffers => {
                     // Keep the frame and stop watching the tap; the guest's next receive
                     // notification brings us back.
@@ -411,6 +434,8 @@ impl Worker {
                 }
             }
         }
+        // A batch delivered and the tap may hold more: come back after the other events.
+        let _ = self.rx.evt.write(1);
     }
 
     /// An available ring cannot be walked: stop using the queues and tell the driver (§2.1.2).
@@ -476,6 +501,7 @@ impl Worker {
     /// driver's next buffers always notify us (§2.7.10).
     fn deliver(&mut self, len: usize) -> Delivery {
         let mut cap: usize = self.rx_reserved.iter().map(|c| c.cap).sum();
+        let mut taken = 0usize;
         loop {
             let enough = if self.mrg_rxbuf {
                 cap >= len
@@ -485,10 +511,20 @@ impl Worker {
             if enough {
                 break;
             }
+            if taken >= RX_BATCH {
+                return Delivery::Yield;
+            }
+            taken += 1;
             match self.pop_rx_chain() {
+                Some(c) if self.rx_held.contains(c.head) => {
+                    // Already reserved for this frame: the driver posted a buffer we hold.
+                    let _ = c;
+                    return Delivery::Broken;
+                }
                 Some(c) if c.cap == 0 => self.return_empty(c.head),
                 Some(c) => {
                     cap += c.cap;
+                    self.rx_held.insert(c.head);
                     self.rx_reserved.push_back(c);
                 }
                 None => return Delivery::NoBuffers,
@@ -500,6 +536,7 @@ impl Worker {
                 if c.cap < len {
                     let head = c.head;
                     self.rx_reserved.pop_front();
+                    self.rx_held.remove(head);
                     self.return_empty(head);
                     return Delivery::TooBig;
                 }
@@ -542,6 +579,7 @@ impl Worker {
             }
         }
         for (head, n) in used {
+            self.rx_held.remove(head);
             if self.rx.queue.add_used(&*mem, head, n).is_ok() {
                 self.rx.used_since_signal = true;
             }
@@ -558,6 +596,7 @@ impl Worker {
         let Some(mut ctrl) = self.ctrl.take() else {
             return;
         };
+        let mut taken = 0usize;
         loop {
             let mem = self.mem.memory();
             if self.broken || !avail_ring_is_sane(&mut ctrl.queue, &*mem) {
@@ -567,7 +606,11 @@ impl Worker {
                 }
                 break;
             }
-            while let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) {
+            while taken < usize::from(CTRL_BATCH) {
+                let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                taken += 1;
                 let head = chain.head_index();
                 let mut cmd = Vec::new();
                 let mut ack: Option<GuestAddress> = None;
@@ -627,6 +670,11 @@ impl Worker {
                 if ctrl.queue.add_used(&*mem, head, len).is_ok() {
                     ctrl.used_since_signal = true;
                 }
+            }
+            if taken >= usize::from(CTRL_BATCH) {
+                // Come back through our own eventfd after looking at other events.
+                let _ = ctrl.evt.write(1);
+                break;
             }
             match ctrl.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
@@ -698,6 +746,10 @@ enum Delivery {
     Done,
     TooBig,
     NoBuffers,
+    /// Too many chains taken for one frame this time; try again after other events.
+    Yield,
+    /// The driver posted a chain the device holds (§2.7.13).
+    Broken,
 }
 
 #[cfg(test)]

@@ -282,5 +282,6 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         }
         mac[i] = u8::from_str_radix(p, 16).ok()?;
     }
-    (mac[0] & 1 == 0).then_some(mac)
+    // A multicast (or broadcast) address, or all zeroes, cannot be an interface's own.
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
