@@ -54,6 +54,8 @@ struct BusEntry {
 pub struct Bus {
     devices: BTreeMap<u64, BusEntry>,
     stats: BusStats,
+    /// The guest decides how often it touches unclaimed addresses.
+    log: crate::limiter::SharedWarnLimiter,
 }
 
 impl Bus {
@@ -118,11 +120,13 @@ impl Bus {
             None => {
                 data.fill(0xff);
                 self.stats.unclaimed_reads.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    addr = format_args!("{addr:#x}"),
-                    len = data.len(),
-                    "unclaimed read"
-                );
+                if self.log.allow() {
+                    tracing::debug!(
+                        addr = format_args!("{addr:#x}"),
+                        len = data.len(),
+                        "unclaimed read"
+                    );
+                }
                 false
             }
         }
@@ -137,11 +141,13 @@ impl Bus {
             }
             None => {
                 self.stats.unclaimed_writes.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    addr = format_args!("{addr:#x}"),
-                    len = data.len(),
-                    "unclaimed write"
-                );
+                if self.log.allow() {
+                    tracing::debug!(
+                        addr = format_args!("{addr:#x}"),
+                        len = data.len(),
+                        "unclaimed write"
+                    );
+                }
                 false
             }
         }

@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod limiter;
 
 pub use bus::{Bus, BusDevice, BusError, BusStats};
 pub use exit::{ExitHandle, VmExitReason};
+pub use limiter::{SharedWarnLimiter, WarnLimiter};

@@ -12,6 +12,27 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// The most a config file may hold: it is a few lines of JSON.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads the `--config` file; a FIFO or device is refused rather than waited on.
+fn read_config(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = vmm::files::open_regular("--config", path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("--config {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "--config {}: larger than {} KiB",
+            path.display(),
+            MAX_CONFIG_BYTES >> 10
+        ));
+    }
+    Ok(text)
+}
+
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
@@ -44,12 +65,12 @@ fn main() -> ExitCode {
         .init();
 
     let file = match &args.config {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match read_config(path) {
             Ok(text) => match cli::parse_config_file(path, &text) {
                 Ok(f) => Some(f),
                 Err(e) => return fail(e),
             },
-            Err(e) => return fail(format!("--config {}: {e}", path.display())),
+            Err(e) => return fail(e),
         },
         None => None,
     };

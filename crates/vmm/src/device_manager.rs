@@ -1,7 +1,6 @@
 //! Creates the devices, registers them on the buses, wires their interrupts (irqfds), and
 //! describes them for the guest's DSDT.
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +14,6 @@ use arch::layout;
 use devices::legacy::{AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
 use devices::{Bus, BusError, ExitHandle};
 
-use crate::config::SerialConfig;
 use crate::memory::{MemoryError, SystemAllocator};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -48,11 +46,6 @@ pub enum DeviceError {
         queue: u16,
         source: kvm_ioctls::Error,
     },
-    #[error("--serial file={path}: {source}")]
-    SerialFile {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// A device's entry in the DSDT, serialized once.
@@ -72,6 +65,8 @@ pub struct DeviceManager {
     /// `virtio_mmio.device=` words for kernels that find devices on the command line.
     virtio_mmio_cmdline: Vec<String>,
     virtio_count: usize,
+    /// Every disk image, so they can be flushed even when a device cannot be reached.
+    disk_images: Vec<Arc<virtio::block::io::DiskImage>>,
     /// Per-device counters, logged when the VM stops.
     block_metrics: Vec<(String, Arc<virtio::block::BlockMetrics>)>,
     net_metrics: Vec<(String, Arc<virtio::net::NetMetrics>)>,
@@ -87,7 +82,7 @@ fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
 
 /// Writes the guest's console to stdout without Rust's line buffering, so a partial line
 /// (a prompt) shows at once.
-struct RawStdout;
+pub struct RawStdout;
 
 impl Write for RawStdout {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -105,26 +100,15 @@ impl Write for RawStdout {
 }
 
 impl DeviceManager {
+    /// The legacy devices; COM1's output goes to `console` (which must never block).
     pub fn new(
         vm: &VmFd,
         exit: &ExitHandle,
-        serial_cfg: &SerialConfig,
+        console: Box<dyn Write + Send>,
     ) -> Result<Self, DeviceError> {
         let mut pio_bus = Bus::new();
         let mmio_bus = Bus::new();
-
-        let out: Box<dyn Write + Send> = match serial_cfg {
-            SerialConfig::Tty => Box::new(RawStdout),
-            SerialConfig::Off => Box::new(std::io::sink()),
-            SerialConfig::File(path) => {
-                Box::new(
-                    File::create(path).map_err(|source| DeviceError::SerialFile {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-                )
-            }
-        };
+        let out = console;
         let serial_irq = eventfd("COM1")?;
         vm.register_irqfd(&serial_irq, layout::IRQ_COM1)
             .map_err(|source| DeviceError::Irqfd {
@@ -161,6 +145,7 @@ impl DeviceManager {
             dsdt_devices,
             virtio_mmio_cmdline: Vec::new(),
             virtio_count: 0,
+            disk_images: Vec::new(),
             block_metrics: Vec::new(),
             net_metrics: Vec::new(),
         })
@@ -225,6 +210,22 @@ impl DeviceManager {
             VIRTIO_MMIO_WINDOW >> 10
         ));
         Ok(())
+    }
+
+    /// Keeps a disk image for [`DeviceManager::sync_disks`].
+    pub fn track_disk_image(&mut self, image: Arc<virtio::block::io::DiskImage>) {
+        self.disk_images.push(image);
+    }
+
+    /// fdatasync on every writable image: what the guest wrote is on stable storage even
+    /// when its device could not be stopped in order (a vCPU stuck in the kernel still holds
+    /// the buses).
+    pub fn sync_disks(&self) {
+        for d in self.disk_images.iter().filter(|d| !d.readonly()) {
+            if let Err(e) = d.sync() {
+                tracing::warn!("disk image {}: fdatasync failed: {e}", d.path().display());
+            }
+        }
     }
 
     /// Keeps a block device's counters for the report at VM exit.

@@ -2,7 +2,9 @@
 //! and their exit loop, devices and their buses — and stops it in order.
 
 pub mod config;
+pub mod console;
 pub mod device_manager;
+pub mod files;
 pub mod memory;
 pub mod terminal;
 pub mod vcpu;

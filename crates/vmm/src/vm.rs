@@ -1,8 +1,8 @@
 //! Building a VM from a [`VmConfig`] and running it until the guest or the host ends it.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +18,9 @@ use arch::layout;
 use devices::{ExitHandle, VmExitReason};
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::console::{self, ConsoleDrain};
 use crate::device_manager::{DeviceError, DeviceManager};
+use crate::files::{open_console_file, open_regular, FileError, FileId};
 use crate::memory::{MemoryError, MemoryManager, SystemAllocator};
 use crate::terminal::{spawn_stdin_reader, RawModeGuard};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
@@ -43,14 +45,10 @@ pub enum VmError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    #[error("{what} {path}: {source}")]
-    OpenFile {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: String },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("cannot start the console thread: {0}")]
+    ConsoleThread(std::io::Error),
     #[error("kernel {path}: {source}")]
     Kernel { path: String, source: BootError },
     #[error("initramfs {path}: {source}")]
@@ -80,29 +78,6 @@ pub enum VmError {
 /// How a VM run ended, as the process exit status the binary should use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitStatus(pub i32);
-
-fn open_regular(what: &'static str, path: &Path) -> Result<File, VmError> {
-    let f = File::open(path).map_err(|source| VmError::OpenFile {
-        what,
-        path: path.display().to_string(),
-        source,
-    })?;
-    let is_file = f
-        .metadata()
-        .map(|m| m.is_file())
-        .map_err(|source| VmError::OpenFile {
-            what,
-            path: path.display().to_string(),
-            source,
-        })?;
-    if !is_file {
-        return Err(VmError::NotAFile {
-            what,
-            path: path.display().to_string(),
-        });
-    }
-    Ok(f)
-}
 
 /// SIGINT and SIGTERM are blocked in every thread and read from a signalfd by the main
 /// thread, so they end the VM through the same orderly path as a guest reset.
@@ -267,6 +242,8 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         .iter()
         .map(|n| Net::new(n).map_err(|source| VmError::Net { source }))
         .collect::<Result<Vec<_>, _>>()?;
+    // Last of the host files, once everything it could clash with is open.
+    let (console_out, console_drain) = open_console(config, &kernel_file, initrd_file.as_ref())?;
 
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
@@ -280,10 +257,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         what: "VM exit",
         source,
     })?;
-    let mut devices = DeviceManager::new(&vm, &exit, &config.serial)?;
+    let mut devices = DeviceManager::new(&vm, &exit, console_out)?;
     let mut allocator = SystemAllocator::new()?;
     for (disk, block) in config.disks.iter().zip(blocks) {
         let path = disk.path.display().to_string();
+        devices.track_disk_image(block.image());
         devices.track_block_metrics(&format!("virtio-blk {path}"), block.metrics());
         devices.add_virtio_mmio(
             &vm,
@@ -414,16 +392,69 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let outcome = wait_for_exit(&exit, &signals);
     phase("guest stopped");
     if !stop_vcpus(&stop, threads) {
-        // A vCPU thread is still inside KVM_RUN: its guest memory and VM must outlive it.
+        // A vCPU thread is still inside KVM_RUN: its guest memory and VM must outlive it,
+        // and the devices it can reach cannot be stopped in order, so flush the disks here.
         tracing::warn!("a vCPU thread did not stop; leaving it to process exit");
+        devices.sync_disks();
         std::mem::forget(memory);
         std::mem::forget(vm);
     }
     phase("VM torn down");
+    finish_console(console_drain);
     for line in devices.metrics_report() {
         tracing::info!("{line}");
     }
     outcome
+}
+
+/// How long the exit path waits for the console thread to write out the guest's last lines.
+const CONSOLE_FLUSH_LIMIT: Duration = Duration::from_millis(500);
+
+/// The sink COM1 writes to: a bounded buffer in front of the terminal or file (drained by
+/// the console thread, so a sink that stops reading never blocks a vCPU), or nothing.
+fn open_console(
+    config: &VmConfig,
+    kernel: &File,
+    initrd: Option<&File>,
+) -> Result<(Box<dyn Write + Send>, Option<ConsoleDrain>), VmError> {
+    let sink: Box<dyn Write + Send> = match &config.serial {
+        SerialConfig::Off => return Ok((Box::new(std::io::sink()), None)),
+        SerialConfig::Tty => Box::new(crate::device_manager::RawStdout),
+        SerialConfig::File(path) => {
+            let id = |f: &File| f.metadata().ok().map(|m| FileId::of(&m));
+            let mut inputs = Vec::new();
+            if let Some(k) = id(kernel) {
+                inputs.push(("kernel", config.kernel.display().to_string(), k));
+            }
+            if let (Some(f), Some(p)) = (initrd, &config.initramfs) {
+                if let Some(i) = id(f) {
+                    inputs.push(("initramfs", p.display().to_string(), i));
+                }
+            }
+            for d in &config.disks {
+                if let Ok(m) = std::fs::metadata(&d.path) {
+                    inputs.push(("disk", d.path.display().to_string(), FileId::of(&m)));
+                }
+            }
+            Box::new(open_console_file(path, &inputs)?)
+        }
+    };
+    let (out, drain) =
+        console::spawn(sink, console::CONSOLE_BUFFER).map_err(VmError::ConsoleThread)?;
+    Ok((Box::new(out), Some(drain)))
+}
+
+fn finish_console(drain: Option<ConsoleDrain>) {
+    let Some(drain) = drain else { return };
+    let dropped = drain.dropped();
+    if !drain.finish(CONSOLE_FLUSH_LIMIT) {
+        tracing::warn!("console: the output sink stopped taking the guest's output");
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            "console: {dropped} bytes of guest output dropped (the sink did not keep up)"
+        );
+    }
 }
 
 fn wait_for_exit(exit: &ExitHandle, signals: &Signals) -> Result<ExitStatus, VmError> {

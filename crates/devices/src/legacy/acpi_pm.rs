@@ -3,6 +3,7 @@
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitHandle, VmExitReason};
+use crate::limiter::WarnLimiter;
 
 /// SLP_EN in the sleep control register (ACPI 6.5 §4.8.3.7, Table 4.19).
 pub const ACPI_SLP_EN: u8 = 1 << 5;
@@ -18,6 +19,7 @@ const RESET: u64 = 2;
 
 pub struct AcpiPmDevice {
     exit: ExitHandle,
+    log: WarnLimiter,
 }
 
 impl AcpiPmDevice {
@@ -28,7 +30,10 @@ impl AcpiPmDevice {
     pub const RESET_OFFSET: u64 = RESET;
 
     pub fn new(exit: ExitHandle) -> Self {
-        Self { exit }
+        Self {
+            exit,
+            log: WarnLimiter::default(),
+        }
     }
 }
 
@@ -45,7 +50,7 @@ impl BusDevice for AcpiPmDevice {
                 let slp_typ = (value >> 2) & 0x7;
                 if slp_typ == ACPI_S5_SLP_TYP {
                     self.exit.request(VmExitReason::Poweroff);
-                } else {
+                } else if self.log.allow() {
                     tracing::info!(slp_typ, "guest asked for an unsupported sleep state");
                 }
             }

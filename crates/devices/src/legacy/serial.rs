@@ -7,6 +7,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::limiter::WarnLimiter;
 
 /// Raises an interrupt by writing to an eventfd registered as a KVM irqfd.
 pub struct EventFdTrigger(EventFd);
@@ -27,12 +28,14 @@ impl Trigger for EventFdTrigger {
 /// A UART whose transmitted bytes go to `out` and whose receive FIFO the VMM fills.
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    log: WarnLimiter,
 }
 
 impl Serial {
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: vm_superio::Serial::new(EventFdTrigger(interrupt), out),
+            log: WarnLimiter::default(),
         }
     }
 
@@ -42,7 +45,9 @@ impl Serial {
             Ok(n) => n,
             Err(vm_superio::serial::Error::FullFifo) => 0,
             Err(e) => {
-                tracing::warn!("serial input: {e}");
+                if self.log.allow() {
+                    tracing::warn!("serial input: {e}");
+                }
                 0
             }
         }
@@ -64,7 +69,9 @@ impl BusDevice for Serial {
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
             // The console's reader went away (closed pipe, full disk): the guest keeps running.
-            tracing::debug!("serial output: {e}");
+            if self.log.allow() {
+                tracing::debug!("serial output: {e}");
+            }
         }
     }
 }

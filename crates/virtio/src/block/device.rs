@@ -20,6 +20,7 @@ use super::request::{ID_LEN, SECTOR_SIZE};
 use crate::device::{
     features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
 };
+use crate::transport::WarnLimiter;
 use crate::VirtioDevice;
 
 /// The one request queue's size.
@@ -70,6 +71,8 @@ pub struct Block {
     id: [u8; ID_LEN],
     metrics: Arc<BlockMetrics>,
     state: DeviceState<Active>,
+    /// Bounds the log lines the driver can cause.
+    log: WarnLimiter,
 }
 
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (§5.2.4).
@@ -134,11 +137,17 @@ impl Block {
             id,
             metrics: Arc::new(BlockMetrics::default()),
             state: DeviceState::Inactive,
+            log: WarnLimiter::default(),
         })
     }
 
     pub fn metrics(&self) -> Arc<BlockMetrics> {
         self.metrics.clone()
+    }
+
+    /// The image behind the device (for a flush the VMM makes on its own).
+    pub fn image(&self) -> Arc<DiskImage> {
+        self.disk.clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -166,7 +175,9 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing in our configuration is driver-writable (no CONFIG_WCE).
-        tracing::debug!(offset, len = data.len(), "virtio-blk: ignored config write");
+        if self.log.allow() {
+            tracing::debug!(offset, len = data.len(), "virtio-blk: ignored config write");
+        }
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -17,6 +17,7 @@ use super::tap::{
 use crate::device::{
     features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
 };
+use crate::transport::WarnLimiter;
 use crate::VirtioDevice;
 
 pub const RX_QUEUE_SIZE: u16 = 256;
@@ -56,6 +57,8 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     metrics: Arc<NetMetrics>,
     state: DeviceState<Active>,
+    /// Bounds the log lines the driver can cause.
+    log: WarnLimiter,
 }
 
 /// `struct virtio_net_config` up to `mtu` (§5.1.4).
@@ -108,6 +111,7 @@ impl Net {
             config,
             metrics: Arc::new(NetMetrics::default()),
             state: DeviceState::Inactive,
+            log: WarnLimiter::default(),
         })
     }
 
@@ -164,7 +168,9 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is read-only for VERSION_1 drivers (§5.1.4.2); they use CTRL_MAC_ADDR.
-        tracing::debug!(offset, len = data.len(), "virtio-net: ignored config write");
+        if self.log.allow() {
+            tracing::debug!(offset, len = data.len(), "virtio-net: ignored config write");
+        }
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -177,7 +183,9 @@ impl VirtioDevice for Net {
             });
         };
         if let Err(e) = tap.set_offloads(tap_offloads(ctx.acked_features)) {
-            tracing::warn!("tap {}: TUNSETOFFLOAD failed: {e}", self.tap_name);
+            if self.log.allow() {
+                tracing::warn!("tap {}: TUNSETOFFLOAD failed: {e}", self.tap_name);
+            }
         }
         let (kill, worker_kill) = kill_eventfds("virtio-net kill")?;
         let worker = match Worker::new(ctx, tap, self.mac, self.metrics.clone(), worker_kill) {
