@@ -12,6 +12,7 @@ mod bootinfo;
 mod dsdt;
 mod hostile;
 mod inet;
+mod inflight;
 mod net;
 mod nethostile;
 mod netmodes;
@@ -55,6 +56,8 @@ enum Mode {
     Blk,
     BlkBench,
     BlkHostile,
+    BlkInflight,
+    Chatter,
     Net(netmodes::Mode),
     NetHostile,
 }
@@ -106,6 +109,8 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"blk" => Mode::Blk,
                 b"blk-bench" => Mode::BlkBench,
                 b"blk-hostile" => Mode::BlkHostile,
+                b"blk-inflight" => Mode::BlkInflight,
+                b"chatter" => Mode::Chatter,
                 b"net-ping" => Mode::Net(netmodes::Mode::Ping),
                 b"net-udp" => Mode::Net(netmodes::Mode::Udp),
                 b"net-ctrl" => Mode::Net(netmodes::Mode::Ctrl),
@@ -176,6 +181,8 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::Blk => pass = blk::run(boot.cmdline()),
         Mode::BlkBench => pass = blk::bench(boot.cmdline()),
         Mode::BlkHostile => pass = hostile::run(boot.cmdline()),
+        Mode::BlkInflight => pass = inflight::run(boot.cmdline()),
+        Mode::Chatter => chatter(o.count),
         Mode::Net(m) => pass = netmodes::run(m, boot.cmdline()),
         Mode::NetHostile => pass = nethostile::run(boot.cmdline()),
         Mode::Boot => report(boot),
@@ -213,6 +220,19 @@ fn echo() {
         }
     }
     say!("probe: echo line=", Text(&line[..n]));
+}
+
+/// Console output as fast as the UART takes it: `count` lines (0: until the VM is stopped).
+fn chatter(count: u64) {
+    let mut n = 0u64;
+    while count == 0 || n < count {
+        say!(
+            "probe: chatter n=",
+            Dec(n),
+            " ................................................................"
+        );
+        n += 1;
+    }
 }
 
 fn pio(count: u64) {

@@ -151,6 +151,107 @@ fn serial_file_receives_the_console() {
     );
 }
 
+/// The console file is appended to, never truncated, and cannot be one of the VM's inputs,
+/// however its path is spelled (a symlink, a relative path).
+#[test]
+fn serial_file_appends_and_never_overwrites_an_input() {
+    if !kvm_available("serial_file_appends_and_never_overwrites_an_input") {
+        return;
+    }
+    let dir = scratch("serial-clash");
+    let log = dir.join("console.log");
+    std::fs::write(&log, "earlier run\n").unwrap();
+    let kernel = dir.join("probe.elf");
+    std::fs::copy(probe_elf(), &kernel).unwrap();
+    let kernel_bytes = std::fs::read(&kernel).unwrap();
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, b"initrd bytes").unwrap();
+    let link = dir.join("link-to-disk");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let k = kernel.to_str().unwrap();
+    let disk = format!("path={}", img.display());
+    let run = spawn(&[
+        "--kernel",
+        k,
+        "--cmdline",
+        "probe.mode=quick",
+        "--serial",
+        &format!("file={}", log.display()),
+    ])
+    .finish(PROBE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.starts_with("earlier run\n") && text.contains("PROBE-OK"),
+        "{text}"
+    );
+    for (target, what) in [(&kernel, "kernel"), (&link, "disk"), (&initrd, "initramfs")] {
+        assert_one_line_error(
+            &[
+                "--kernel",
+                k,
+                "--disk",
+                &disk,
+                "--initramfs",
+                initrd.to_str().unwrap(),
+                "--serial",
+                &format!("file={}", target.display()),
+            ],
+            &format!("is also the VM's {what}"),
+        );
+    }
+    assert_eq!(std::fs::read(&kernel).unwrap(), kernel_bytes);
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0x42));
+    assert_eq!(std::fs::read(&initrd).unwrap(), b"initrd bytes");
+}
+
+/// A FIFO named as kernel, initramfs or config file would block the open forever (beyond
+/// SIGTERM): it is refused at once.
+#[test]
+fn fifos_are_refused_instead_of_waited_on() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let f = fifo.to_str().unwrap();
+    let elf = probe_elf();
+    let started = std::time::Instant::now();
+    assert_one_line_error(&["--kernel", f], "not a regular file");
+    assert_one_line_error(
+        &["--kernel", elf.to_str().unwrap(), "--initramfs", f],
+        "not a regular file",
+    );
+    assert_one_line_error(&["--config", f], "not a regular file");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// Option values that used to be taken silently.
+#[test]
+fn ambiguous_or_invalid_option_values() {
+    let elf = probe_elf();
+    let k = elf.to_str().unwrap();
+    assert_one_line_error(&["--kernel", k, "--log-level", "verbose"], "--log-level");
+    assert_one_line_error(
+        &["--kernel", k, "--memory", "size=128M,size=256M"],
+        "'size' is given more than once",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--disk", "path=/a.img,path=/b.img"],
+        "'path' is given more than once",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--net", "tap=vt0,mac=00:00:00:00:00:00"],
+        "MAC address",
+    );
+    assert_one_line_error(
+        &["--kernel", k, "--disk", "path=/a.img,io_engine=aio"],
+        "I/O engine",
+    );
+}
+
 /// Runs vireo as an unprivileged user (no access to the root-only /dev/kvm), and in a
 /// mount namespace where /dev has no kvm node at all.
 #[test]

@@ -14,6 +14,11 @@ pub enum FileError {
         path: String,
         source: std::io::Error,
     },
+    #[error("--serial file={path}: {source}")]
+    ConsoleOpen {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: String },
     #[error("--serial file={path} is also the VM's {other} {other_path}: refusing to write the console over it")]
@@ -73,8 +78,7 @@ pub fn open_console_file(
     path: &Path,
     inputs: &[(&'static str, String, FileId)],
 ) -> Result<File, FileError> {
-    let err = |source| FileError::Open {
-        what: "--serial file=",
+    let err = |source| FileError::ConsoleOpen {
         path: path.display().to_string(),
         source,
     };

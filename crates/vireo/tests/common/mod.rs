@@ -233,9 +233,19 @@ impl Running {
         libc_kill(self.pid(), sig);
     }
 
-    /// Waits for exit; past `timeout` the whole process group is killed.
-    pub fn finish(mut self, timeout: Duration) -> Finished {
+    /// Waits for exit; past `timeout` (counted from the start) the whole process group is
+    /// killed.
+    pub fn finish(self, timeout: Duration) -> Finished {
         let deadline = self.started + timeout;
+        self.finish_by(deadline)
+    }
+
+    /// Waits at most `limit` from now for the exit, then kills the process group.
+    pub fn finish_within(self, limit: Duration) -> Finished {
+        self.finish_by(Instant::now() + limit)
+    }
+
+    fn finish_by(mut self, deadline: Instant) -> Finished {
         let mut timed_out = false;
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait for vireo") {

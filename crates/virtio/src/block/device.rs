@@ -20,7 +20,7 @@ use super::request::{ID_LEN, SECTOR_SIZE};
 use crate::device::{
     features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
 };
-use crate::transport::WarnLimiter;
+use crate::transport::SharedWarnLimiter;
 use crate::VirtioDevice;
 
 /// The one request queue's size.
@@ -71,8 +71,9 @@ pub struct Block {
     id: [u8; ID_LEN],
     metrics: Arc<BlockMetrics>,
     state: DeviceState<Active>,
-    /// Bounds the log lines the driver can cause.
-    log: WarnLimiter,
+    /// Bounds the log lines the driver can cause, across resets (each activation's worker
+    /// shares it, so a driver that resets in a loop gets no fresh budget).
+    log: Arc<SharedWarnLimiter>,
 }
 
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (§5.2.4).
@@ -137,7 +138,7 @@ impl Block {
             id,
             metrics: Arc::new(BlockMetrics::default()),
             state: DeviceState::Inactive,
-            log: WarnLimiter::default(),
+            log: Arc::default(),
         })
     }
 
@@ -201,6 +202,7 @@ impl VirtioDevice for Block {
             self.io_engine,
             self.id,
             self.metrics.clone(),
+            self.log.clone(),
             worker_kill,
         )
         .map_err(|e| ActivateError::Backend {

@@ -29,7 +29,7 @@ use super::request::{
 use crate::device::{
     avail_ring_is_sane, DeviceNeedsReset, HeldHeads, VirtioInterrupt, VirtioInterruptType,
 };
-use crate::transport::WarnLimiter;
+use crate::transport::SharedWarnLimiter;
 
 use super::device::MAX_REQUEST_DATA;
 
@@ -89,7 +89,7 @@ pub(super) struct Worker {
     /// Used entries added since the last interrupt decision.
     used_since_signal: bool,
     /// Keeps a hostile guest from flooding the host log.
-    warn_limiter: WarnLimiter,
+    warn_limiter: Arc<SharedWarnLimiter>,
     needs_reset: DeviceNeedsReset,
     /// The driver broke the available ring; nothing more is taken from it until a reset.
     broken: bool,
@@ -112,7 +112,7 @@ enum Immediate {
 
 impl Worker {
     /// Logs a guest-caused problem, a few per window at most.
-    fn warn(&mut self, msg: &str) {
+    fn warn(&self, msg: &str) {
         if self.warn_limiter.allow() {
             tracing::warn!("{msg}");
         }
@@ -131,6 +131,7 @@ impl Worker {
         io_engine: IoEngineKind,
         id: [u8; ID_LEN],
         metrics: Arc<BlockMetrics>,
+        log: Arc<SharedWarnLimiter>,
         kill: EventFd,
     ) -> Result<Self, WorkerError> {
         let engine = IoEngine::new(RING_ENTRIES, disk.path(), io_engine)?;
@@ -187,7 +188,7 @@ impl Worker {
             id,
             metrics,
             used_since_signal: false,
-            warn_limiter: WarnLimiter::default(),
+            warn_limiter: log,
             needs_reset,
             broken: false,
             held: HeldHeads::new(queue_size),

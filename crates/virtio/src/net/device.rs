@@ -17,7 +17,7 @@ use super::tap::{
 use crate::device::{
     features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
 };
-use crate::transport::WarnLimiter;
+use crate::transport::SharedWarnLimiter;
 use crate::VirtioDevice;
 
 pub const RX_QUEUE_SIZE: u16 = 256;
@@ -57,8 +57,9 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     metrics: Arc<NetMetrics>,
     state: DeviceState<Active>,
-    /// Bounds the log lines the driver can cause.
-    log: WarnLimiter,
+    /// Bounds the log lines the driver can cause, across resets (each activation's worker
+    /// shares it, so a driver that resets in a loop gets no fresh budget).
+    log: Arc<SharedWarnLimiter>,
 }
 
 /// `struct virtio_net_config` up to `mtu` (§5.1.4).
@@ -111,7 +112,7 @@ impl Net {
             config,
             metrics: Arc::new(NetMetrics::default()),
             state: DeviceState::Inactive,
-            log: WarnLimiter::default(),
+            log: Arc::default(),
         })
     }
 
@@ -188,7 +189,14 @@ impl VirtioDevice for Net {
             }
         }
         let (kill, worker_kill) = kill_eventfds("virtio-net kill")?;
-        let worker = match Worker::new(ctx, tap, self.mac, self.metrics.clone(), worker_kill) {
+        let worker = match Worker::new(
+            ctx,
+            tap,
+            self.mac,
+            self.metrics.clone(),
+            self.log.clone(),
+            worker_kill,
+        ) {
             Ok(w) => w,
             Err((tap, e)) => {
                 self.tap = Some(tap);

@@ -25,7 +25,7 @@ use crate::device::{
     avail_ring_is_sane, ActivateContext, ActivateError, DeviceNeedsReset, HeldHeads,
     VirtioInterrupt, VirtioInterruptType,
 };
-use crate::transport::WarnLimiter;
+use crate::transport::SharedWarnLimiter;
 
 const RX: u16 = 0;
 const TX: u16 = 1;
@@ -109,7 +109,7 @@ pub(super) struct Worker {
     frame: Vec<u8>,
     metrics: Arc<NetMetrics>,
     /// Keeps a hostile guest from flooding the host log.
-    warn_limiter: WarnLimiter,
+    warn_limiter: Arc<SharedWarnLimiter>,
     needs_reset: DeviceNeedsReset,
     /// The driver broke an available ring; no queue is used again until a reset.
     broken: bool,
@@ -119,7 +119,7 @@ type NewResult = Result<Worker, (Tap, ActivateError)>;
 
 impl Worker {
     /// Logs a guest-caused problem, a few per window at most.
-    fn warn(&mut self, msg: &str) {
+    fn warn(&self, msg: &str) {
         if self.warn_limiter.allow() {
             tracing::warn!("{msg}");
         }
@@ -130,6 +130,7 @@ impl Worker {
         tap: Tap,
         mac: [u8; 6],
         metrics: Arc<NetMetrics>,
+        log: Arc<SharedWarnLimiter>,
         kill: EventFd,
     ) -> NewResult {
         let mrg_rxbuf = ctx.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
@@ -214,7 +215,7 @@ impl Worker {
             tap_armed: true,
             frame: vec![0u8; MAX_FRAME],
             metrics,
-            warn_limiter: WarnLimiter::default(),
+            warn_limiter: log,
             needs_reset: ctx.needs_reset,
             broken: false,
         })
@@ -828,6 +829,7 @@ mod tests {
             tap,
             [2, 0, 0, 0, 0, 1],
             metrics.clone(),
+            Arc::default(),
             EventFd::new(0).unwrap(),
         ) else {
             panic!("worker");

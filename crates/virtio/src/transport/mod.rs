@@ -17,4 +17,4 @@ pub struct TransportStats {
 }
 
 /// Bounds the log lines a guest can cause.
-pub(crate) use devices::WarnLimiter;
+pub(crate) use devices::{SharedWarnLimiter, WarnLimiter};
