@@ -6,9 +6,11 @@
 //! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, boot time, RSS, port-I/O exits
 //! - `cargo xtask bench blk [N]` — virtio-blk throughput and VMM CPU per request, with fio
 //! - `cargo xtask bench net [N]` — virtio-net frames/s both ways and VMM CPU per frame
+//! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS (default 60), one by one
 
 mod apt;
 mod bench;
+mod fuzz;
 mod kernel;
 mod kit;
 mod probe;
@@ -160,8 +162,9 @@ fn main() -> Result<()> {
             let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(3);
             bench::net(&vireo, &kit.probe.elf, n)?;
         }
+        ["fuzz", rest @ ..] => fuzz::fuzz(&root, rest)?,
         _ => bail!(
-            "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N] | bench net [N]"
+            "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N] | bench net [N] | fuzz [SECONDS]"
         ),
     }
     Ok(())

@@ -5,6 +5,9 @@
 pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::*;
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub mod fuzz_targets;
 
 /// Re-exported so the device manager can describe devices in the DSDT.
 pub use acpi_tables;

@@ -6,6 +6,8 @@
 
 pub mod bus;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod legacy;
 pub mod limiter;
 

@@ -1,6 +1,6 @@
 //! `vireo`: boot a VM from the command line or a JSON config.
 
-mod cli;
+use vireo::cli;
 
 use std::process::ExitCode;
 
