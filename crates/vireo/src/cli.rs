@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 use virtio::block::IoEngineKind;
-use vmm::{DiskConfig, NetConfig, PlatformConfig, SerialConfig, VmConfig};
+use vmm::{DiskConfig, NetConfig, PlatformConfig, SeccompMode, SerialConfig, VmConfig};
 
 /// A user error in the command line or config file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,6 +74,10 @@ pub struct Cli {
     /// JSON file with the same settings; options given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// seccomp filters on every thread: true (a forbidden system call ends vireo), log (the
+    /// kernel logs it and lets it through) or false (default true).
+    #[arg(long, value_name = "true|false|log")]
+    pub seccomp: Option<String>,
     /// Log level: error, warn, info, debug or trace (default info).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -93,6 +97,14 @@ pub struct ConfigFile {
     disks: Option<Vec<DiskFile>>,
     nets: Option<Vec<NetFile>>,
     platform: Option<PlatformFile>,
+    seccomp: Option<SeccompValue>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum SeccompValue {
+    Switch(bool),
+    Text(String),
 }
 
 #[derive(Deserialize, Debug)]
@@ -379,6 +391,19 @@ pub fn parse_platform(s: &str) -> Result<PlatformConfig, CliError> {
     Ok(p)
 }
 
+pub fn parse_seccomp(s: &str) -> Result<SeccompMode, CliError> {
+    match s {
+        "true" | "on" => Ok(SeccompMode::Enforce),
+        "false" | "off" => Ok(SeccompMode::Off),
+        "log" => Ok(SeccompMode::Log),
+        _ => Err(CliError::BadValue {
+            option: "--seccomp",
+            value: s.to_string(),
+            what: "seccomp mode (true, false or log)",
+        }),
+    }
+}
+
 pub fn parse_serial(s: &str) -> Result<SerialConfig, CliError> {
     match s {
         "tty" => Ok(SerialConfig::Tty),
@@ -481,7 +506,15 @@ impl Cli {
             },
             (None, None) => PlatformConfig::default(),
         };
+        let seccomp = match (&self.seccomp, &file.seccomp) {
+            (Some(s), _) => parse_seccomp(s)?,
+            (None, Some(SeccompValue::Switch(true))) => SeccompMode::Enforce,
+            (None, Some(SeccompValue::Switch(false))) => SeccompMode::Off,
+            (None, Some(SeccompValue::Text(t))) => parse_seccomp(t)?,
+            (None, None) => SeccompMode::default(),
+        };
         Ok(VmConfig {
+            seccomp,
             kernel,
             initramfs: self.initramfs.or(file.initramfs),
             cmdline: self.cmdline.or(file.cmdline).unwrap_or_default(),

@@ -166,6 +166,9 @@ pub struct ActivateContext {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// Reports an unrecoverable device error to the driver.
     pub needs_reset: DeviceNeedsReset,
+    /// Starts the device's worker thread (the VMM's choice of creator, not the vCPU thread
+    /// that wrote DRIVER_OK).
+    pub spawner: Arc<dyn WorkerSpawner>,
 }
 
 impl std::fmt::Debug for ActivateContext {
@@ -178,6 +181,98 @@ impl std::fmt::Debug for ActivateContext {
             )
             .field("queues", &queues)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a worker thread is, so the VMM can give each kind its own system-call filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    Block,
+    Net,
+}
+
+impl WorkerKind {
+    /// The thread's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Block => "virtio-blk",
+            Self::Net => "virtio-net",
+        }
+    }
+}
+
+/// Starts device worker threads. The VMM hands one to every transport so that workers are
+/// created by a thread it controls (a thread inherits its creator's seccomp filter, and a
+/// vCPU thread is filtered too tightly to create threads), and so that each worker can
+/// install its own filter before it touches guest memory.
+pub trait WorkerSpawner: Send + Sync {
+    /// Runs `body` on a new thread of `kind`.
+    fn spawn(
+        &self,
+        kind: WorkerKind,
+        body: Box<dyn FnOnce() + Send>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>>;
+}
+
+/// Starts workers directly from the calling thread (tests, and VMs without seccomp).
+#[derive(Debug, Default)]
+pub struct DirectSpawner;
+
+impl WorkerSpawner for DirectSpawner {
+    fn spawn(
+        &self,
+        kind: WorkerKind,
+        body: Box<dyn FnOnce() + Send>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(kind.name().into())
+            .spawn(body)
+    }
+}
+
+/// Starts a worker whose set-up (`build`) runs on the worker thread itself, so nothing of it
+/// (epoll, io_uring, eventfds) happens on the activating vCPU; waits for the set-up to
+/// succeed or fail and returns the thread, or the set-up's error.
+pub fn start_worker<W, E>(
+    spawner: &dyn WorkerSpawner,
+    kind: WorkerKind,
+    what: String,
+    build: impl FnOnce() -> Result<W, E> + Send + 'static,
+    run: impl FnOnce(W) + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, ActivateError>
+where
+    E: std::fmt::Display + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let handle = spawner
+        .spawn(
+            kind,
+            Box::new(move || match build() {
+                Ok(w) => {
+                    let _ = tx.send(Ok(()));
+                    run(w);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }),
+        )
+        .map_err(|source| ActivateError::Worker {
+            name: what.clone(),
+            source,
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(reason)) => {
+            let _ = handle.join();
+            Err(ActivateError::Backend { reason })
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(ActivateError::Backend {
+                reason: format!("the worker thread of {what} ended during set-up"),
+            })
+        }
     }
 }
 

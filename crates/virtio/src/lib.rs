@@ -13,7 +13,8 @@ pub mod transport;
 
 pub use device::{
     features, status, ActivateContext, ActivateError, ConfigGeneration, DeviceNeedsReset,
-    DeviceState, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    DeviceState, DirectSpawner, VirtioDevice, VirtioInterrupt, VirtioInterruptType, WorkerKind,
+    WorkerSpawner,
 };
 pub use transport::mmio::{
     MmioError, MmioInterrupt, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::seccomp::SeccompMode;
+
 /// Where the guest's COM1 goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -39,6 +41,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub platform: PlatformConfig,
+    /// seccomp filters on every thread.
+    pub seccomp: SeccompMode,
 }
 
 /// The most vCPUs: APIC IDs are 8-bit in the MADT's LAPIC entries and 255 is broadcast.
@@ -112,6 +116,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             platform: PlatformConfig::default(),
+            seccomp: SeccompMode::Enforce,
         }
     }
 

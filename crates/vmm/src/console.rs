@@ -106,10 +106,12 @@ impl ConsoleDrain {
     }
 }
 
-/// Starts the console thread over `sink`; the output end goes to the UART.
+/// Starts the console thread over `sink`, running `on_start` (its seccomp filter) first;
+/// the output end goes to the UART.
 pub fn spawn(
     sink: Box<dyn Write + Send>,
     capacity: usize,
+    on_start: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<(ConsoleOutput, ConsoleDrain)> {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
@@ -121,7 +123,10 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("console".into())
         .stack_size(64 << 10)
-        .spawn(move || drain_loop(&worker, sink))?;
+        .spawn(move || {
+            on_start();
+            drain_loop(&worker, sink)
+        })?;
     Ok((
         ConsoleOutput(shared.clone()),
         ConsoleDrain {
@@ -211,7 +216,7 @@ mod tests {
     #[test]
     fn output_reaches_the_sink_in_order() {
         let cap = Captured::default();
-        let (mut out, drain) = spawn(Box::new(cap.clone()), 1024).unwrap();
+        let (mut out, drain) = spawn(Box::new(cap.clone()), 1024, || {}).unwrap();
         for i in 0..100u8 {
             out.write_all(&[b'a' + i % 26]).unwrap();
         }
@@ -227,7 +232,7 @@ mod tests {
     #[test]
     fn a_stuck_sink_never_blocks_the_writer_and_drops_are_counted() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let (mut out, drain) = spawn(Box::new(Stuck(gate.clone())), 64).unwrap();
+        let (mut out, drain) = spawn(Box::new(Stuck(gate.clone())), 64, || {}).unwrap();
         let t0 = Instant::now();
         for _ in 0..10_000 {
             out.write_all(b"0123456789").unwrap();

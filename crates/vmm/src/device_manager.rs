@@ -161,6 +161,7 @@ impl DeviceManager {
         allocator: &mut SystemAllocator,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         device: Box<dyn VirtioDevice>,
+        spawner: Arc<dyn virtio::WorkerSpawner>,
         what: &str,
     ) -> Result<(), DeviceError> {
         let resources = |source| DeviceError::Resources {
@@ -179,11 +180,12 @@ impl DeviceManager {
                 gsi,
                 source,
             })?;
-        let transport =
-            MmioTransport::new(device, mem, irq).map_err(|source| DeviceError::Transport {
+        let transport = MmioTransport::new(device, mem, irq)
+            .map_err(|source| DeviceError::Transport {
                 what: what.to_string(),
                 source,
-            })?;
+            })?
+            .with_spawner(spawner);
         for (queue, evt) in transport.queue_notifiers() {
             vm.register_ioevent(
                 evt,

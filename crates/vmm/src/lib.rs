@@ -6,9 +6,11 @@ pub mod console;
 pub mod device_manager;
 pub mod files;
 pub mod memory;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
+pub mod workers;
 
-pub use config::{DiskConfig, NetConfig, PlatformConfig, SerialConfig, VmConfig};
+pub use config::{DiskConfig, NetConfig, PlatformConfig, SeccompMode, SerialConfig, VmConfig};
 pub use vm::{run, ExitStatus, VmError};

@@ -193,12 +193,17 @@ impl MemoryManager {
     /// slot waits for an SRCU grace period in KVM (3–10 ms measured on PVM hosts), which
     /// then overlaps loading the kernel and configuring the vCPUs. Wait on the result before
     /// running any vCPU; the borrow keeps the mappings alive until then.
-    pub fn register_with(&self, vm: Arc<VmFd>) -> Result<PendingRegistration<'_>> {
+    pub fn register_with(
+        &self,
+        vm: Arc<VmFd>,
+        filters: Arc<crate::seccomp::Filters>,
+    ) -> Result<PendingRegistration<'_>> {
         let slots = self.slots()?;
         let handle = std::thread::Builder::new()
             .name("memslots".into())
             .stack_size(64 << 10)
             .spawn(move || {
+                filters.apply_or_exit(crate::seccomp::ThreadKind::Setup);
                 for mr in slots {
                     // SAFETY: each region is a live mapping owned by the MemoryManager, which
                     // the PendingRegistration borrows and the Vm keeps until its fd is closed.

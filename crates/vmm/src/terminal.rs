@@ -69,11 +69,15 @@ fn install_panic_restore() {
 
 /// Feeds stdin to the UART's receive FIFO until stdin closes. The thread blocks in read();
 /// it needs no stopping since it holds nothing that must be flushed.
-pub fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>) -> std::io::Result<()> {
+pub fn spawn_stdin_reader(
+    serial: Arc<Mutex<Serial>>,
+    on_start: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("serial-in".into())
         .stack_size(64 << 10)
         .spawn(move || {
+            on_start();
             let mut buf = [0u8; 64];
             loop {
                 // SAFETY: reading into a valid stack buffer from fd 0.

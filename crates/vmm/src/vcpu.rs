@@ -112,6 +112,7 @@ pub struct VcpuShared {
     pub mmio: Arc<Bus>,
     pub exit: ExitHandle,
     pub stop: Arc<AtomicBool>,
+    pub filters: Arc<crate::seccomp::Filters>,
 }
 
 thread_local! {
@@ -187,6 +188,9 @@ fn pio_access_size(run: *const kvm_run) -> usize {
 }
 
 fn run(mut vcpu: Vcpu, shared: VcpuShared) {
+    shared
+        .filters
+        .apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
     let run_ptr: *mut kvm_run = vcpu.fd.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
     let id = vcpu.id;

@@ -22,8 +22,10 @@ use crate::console::{self, ConsoleDrain};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::files::{open_console_file, open_regular, FileError, FileId};
 use crate::memory::{MemoryError, MemoryManager, SystemAllocator};
+use crate::seccomp::{Filters, SeccompError, SeccompMode, ThreadKind};
 use crate::terminal::{spawn_stdin_reader, RawModeGuard};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::workers::Spawner;
 use virtio::block::{Block, BlockError};
 use virtio::net::{Net, NetError};
 
@@ -49,6 +51,10 @@ pub enum VmError {
     File(#[from] FileError),
     #[error("cannot start the console thread: {0}")]
     ConsoleThread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("cannot start the device worker spawner: {0}")]
+    Spawner(std::io::Error),
     #[error("kernel {path}: {source}")]
     Kernel { path: String, source: BootError },
     #[error("initramfs {path}: {source}")]
@@ -151,11 +157,12 @@ vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 /// kvm-clock). Besides being what modern guests want, it takes the PIT's IRQ-ack notifier
 /// off the teardown path: unregistering it waits for an SRCU grace period (~15 ms measured
 /// on PVM hosts), which then overlaps the guest's boot instead of delaying the VMM's exit.
-fn disable_pit_reinjection(vm: Arc<VmFd>) {
+fn disable_pit_reinjection(vm: Arc<VmFd>, filters: Arc<Filters>) {
     let spawned = std::thread::Builder::new()
         .name("pit-reinject".into())
         .stack_size(64 << 10)
         .spawn(move || {
+            filters.apply_or_exit(ThreadKind::Setup);
             let arg = KvmReinjectControl {
                 pit_reinject: 0,
                 reserved: [0; 31],
@@ -222,6 +229,8 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let t0 = Instant::now();
     let phase = |name: &str| tracing::debug!("startup: {name} at {} us", t0.elapsed().as_micros());
     config.validate()?;
+    // Compiled once, before any thread that needs one starts.
+    let filters = Arc::new(Filters::new(config.seccomp)?);
     let signals = Signals::block()?;
     vcpu::install_kick_handler()?;
 
@@ -243,14 +252,15 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         .map(|n| Net::new(n).map_err(|source| VmError::Net { source }))
         .collect::<Result<Vec<_>, _>>()?;
     // Last of the host files, once everything it could clash with is open.
-    let (console_out, console_drain) = open_console(config, &kernel_file, initrd_file.as_ref())?;
+    let (console_out, console_drain) =
+        open_console(config, &kernel_file, initrd_file.as_ref(), &filters)?;
 
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
-    disable_pit_reinjection(vm.clone());
+    disable_pit_reinjection(vm.clone(), filters.clone());
     phase("VM created");
     let memory = MemoryManager::new(config.memory_size, config.memory_thp)?;
-    let slots = memory.register_with(vm.clone())?;
+    let slots = memory.register_with(vm.clone(), filters.clone())?;
     let mem = memory.guest_memory();
 
     let exit = ExitHandle::new().map_err(|source| DeviceError::EventFd {
@@ -258,6 +268,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         source,
     })?;
     let mut devices = DeviceManager::new(&vm, &exit, console_out)?;
+    let spawner: Arc<dyn virtio::WorkerSpawner> = if config.seccomp == SeccompMode::Off {
+        Arc::new(virtio::DirectSpawner)
+    } else {
+        Spawner::start(filters.clone()).map_err(VmError::Spawner)?
+    };
     let mut allocator = SystemAllocator::new()?;
     for (disk, block) in config.disks.iter().zip(blocks) {
         let path = disk.path.display().to_string();
@@ -268,6 +283,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
             &mut allocator,
             memory.guest_memory_atomic(),
             Box::new(block),
+            spawner.clone(),
             &format!("virtio-blk {path}"),
         )?;
     }
@@ -296,6 +312,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
             &mut allocator,
             memory.guest_memory_atomic(),
             Box::new(net),
+            spawner.clone(),
             &what,
         )?;
     }
@@ -361,7 +378,9 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let (pio, mmio) = devices.take_buses();
     let _raw = if config.serial == SerialConfig::Tty {
         let guard = RawModeGuard::enable();
-        spawn_stdin_reader(serial).map_err(VmError::StdinThread)?;
+        let f = filters.clone();
+        spawn_stdin_reader(serial, move || f.apply_or_exit(ThreadKind::SerialIn))
+            .map_err(VmError::StdinThread)?;
         Some(guard)
     } else {
         None
@@ -373,6 +392,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         mmio,
         exit: exit.clone(),
         stop: stop.clone(),
+        filters: filters.clone(),
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
@@ -388,8 +408,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         }
     }
 
-    phase("vCPUs started");
-    let outcome = wait_for_exit(&exit, &signals);
+    // Every thread is started: from here the VMM thread only waits and tears down.
+    drop(spawner);
+    filters.apply_or_exit(ThreadKind::Vmm);
+    phase("vCPUs started, seccomp filters on");
+    let (outcome, why) = wait_for_exit(&exit, &signals);
     phase("guest stopped");
     if !stop_vcpus(&stop, threads) {
         // A vCPU thread is still inside KVM_RUN: its guest memory and VM must outlive it,
@@ -400,7 +423,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         std::mem::forget(vm);
     }
     phase("VM torn down");
+    // The guest's last lines first, then vireo's own.
     finish_console(console_drain);
+    if let Some(why) = why {
+        tracing::info!("{why}");
+    }
     for line in devices.metrics_report() {
         tracing::info!("{line}");
     }
@@ -416,6 +443,7 @@ fn open_console(
     config: &VmConfig,
     kernel: &File,
     initrd: Option<&File>,
+    filters: &Arc<Filters>,
 ) -> Result<(Box<dyn Write + Send>, Option<ConsoleDrain>), VmError> {
     let sink: Box<dyn Write + Send> = match &config.serial {
         SerialConfig::Off => return Ok((Box::new(std::io::sink()), None)),
@@ -439,8 +467,11 @@ fn open_console(
             Box::new(open_console_file(path, &inputs)?)
         }
     };
-    let (out, drain) =
-        console::spawn(sink, console::CONSOLE_BUFFER).map_err(VmError::ConsoleThread)?;
+    let f = filters.clone();
+    let (out, drain) = console::spawn(sink, console::CONSOLE_BUFFER, move || {
+        f.apply_or_exit(ThreadKind::Console)
+    })
+    .map_err(VmError::ConsoleThread)?;
     Ok((Box::new(out), Some(drain)))
 }
 
@@ -457,7 +488,12 @@ fn finish_console(drain: Option<ConsoleDrain>) {
     }
 }
 
-fn wait_for_exit(exit: &ExitHandle, signals: &Signals) -> Result<ExitStatus, VmError> {
+/// Waits for the end of the VM: the exit status, and what to log about it once the guest's
+/// console is flushed.
+fn wait_for_exit(
+    exit: &ExitHandle,
+    signals: &Signals,
+) -> (Result<ExitStatus, VmError>, Option<String>) {
     let mut fds = [
         libc::pollfd {
             fd: exit.eventfd().as_raw_fd(),
@@ -478,27 +514,28 @@ fn wait_for_exit(exit: &ExitHandle, signals: &Signals) -> Result<ExitStatus, VmE
         }
         if fds[1].revents & libc::POLLIN != 0 {
             if let Some(sig) = signals.read() {
-                tracing::info!("signal {sig}: stopping the VM");
-                return Ok(ExitStatus(128 + sig));
+                return (
+                    Ok(ExitStatus(128 + sig)),
+                    Some(format!("signal {sig}: stopping the VM")),
+                );
             }
         }
         if fds[0].revents & libc::POLLIN != 0 {
+            let done = |code: i32, why: String| (Ok(ExitStatus(code)), Some(why));
             match exit.reason() {
                 Some(VmExitReason::Reset) => {
-                    tracing::info!("guest reset: stopping the VM");
-                    return Ok(ExitStatus(0));
+                    return done(0, "guest reset: stopping the VM".into());
                 }
-                Some(VmExitReason::Poweroff) => {
-                    tracing::info!("guest powered off");
-                    return Ok(ExitStatus(0));
-                }
+                Some(VmExitReason::Poweroff) => return done(0, "guest powered off".into()),
                 // Only "success" (0) or "failure" (1): a guest must not be able to pose as a
                 // signal (128 + n) to whatever supervises vireo.
                 Some(VmExitReason::DebugExit(code)) => {
-                    tracing::info!("guest wrote {code:#x} to the debug-exit port");
-                    return Ok(ExitStatus(i32::from(code != 0)));
+                    return done(
+                        i32::from(code != 0),
+                        format!("guest wrote {code:#x} to the debug-exit port"),
+                    );
                 }
-                Some(VmExitReason::Fatal(msg)) => return Err(VmError::Fatal(msg)),
+                Some(VmExitReason::Fatal(msg)) => return (Err(VmError::Fatal(msg)), None),
                 None => {
                     let _ = exit.eventfd().read();
                 }

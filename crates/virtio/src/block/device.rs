@@ -18,7 +18,8 @@ use super::io::{DiskError, DiskImage, IoEngineKind};
 use super::metrics::BlockMetrics;
 use super::request::{ID_LEN, SECTOR_SIZE};
 use crate::device::{
-    features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+    features, kill_eventfds, read_config_bytes, start_worker, ActivateContext, ActivateError,
+    DeviceState, WorkerKind,
 };
 use crate::transport::SharedWarnLimiter;
 use crate::VirtioDevice;
@@ -64,7 +65,6 @@ struct Active {
 
 pub struct Block {
     disk: Arc<DiskImage>,
-    direct: bool,
     io_engine: IoEngineKind,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
@@ -131,7 +131,6 @@ impl Block {
         config[56] = 1; // write_zeroes_may_unmap
         Ok(Self {
             disk: Arc::new(disk),
-            direct: cfg.direct,
             io_engine: cfg.io_engine,
             avail_features,
             config,
@@ -190,29 +189,36 @@ impl VirtioDevice for Block {
             return Err(ActivateError::MissingQueue { index: 0 });
         };
         let (kill, worker_kill) = kill_eventfds("virtio-blk kill")?;
-        let worker = Worker::new(
-            ctx.mem,
-            index,
-            queue,
-            queue_evt,
-            ctx.interrupt,
-            ctx.needs_reset,
+        let (disk, engine, id, metrics, log) = (
             self.disk.clone(),
-            self.direct,
             self.io_engine,
             self.id,
             self.metrics.clone(),
             self.log.clone(),
-            worker_kill,
-        )
-        .map_err(|e| ActivateError::Backend {
-            reason: e.to_string(),
-        })?;
-        let name = format!("virtio-blk {}", self.disk.path().display());
-        let handle = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker.run())
-            .map_err(|source| ActivateError::Worker { name, source })?;
+        );
+        let (mem, interrupt, needs_reset) = (ctx.mem, ctx.interrupt, ctx.needs_reset);
+        let handle = start_worker(
+            &*ctx.spawner,
+            WorkerKind::Block,
+            format!("virtio-blk {}", self.disk.path().display()),
+            move || {
+                Worker::new(
+                    mem,
+                    index,
+                    queue,
+                    queue_evt,
+                    interrupt,
+                    needs_reset,
+                    disk,
+                    engine,
+                    id,
+                    metrics,
+                    log,
+                    worker_kill,
+                )
+            },
+            Worker::run,
+        )?;
         self.state = DeviceState::Activated(Active {
             kill,
             worker: handle,
@@ -346,6 +352,7 @@ mod tests {
                 queues: vec![(0, q, evt.try_clone().unwrap())],
                 interrupt: irq,
                 needs_reset: needs_reset.clone(),
+                spawner: Arc::new(crate::DirectSpawner),
             })
             .unwrap();
         (evt, needs_reset)

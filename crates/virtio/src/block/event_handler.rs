@@ -6,7 +6,6 @@
 //! driver does not want it).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -52,11 +51,6 @@ pub enum WorkerError {
     Epoll(std::io::Error),
     #[error(transparent)]
     Disk(#[from] super::io::DiskError),
-    #[error("cannot reopen {path} for unaligned I/O: {source}")]
-    Reopen {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// A request waiting for its backend operation.
@@ -77,8 +71,6 @@ pub(super) struct Worker {
     queue_evt: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
     disk: Arc<DiskImage>,
-    /// A page-cache descriptor for buffers O_DIRECT cannot take (not 512-byte aligned).
-    buffered: Option<File>,
     engine: IoEngine,
     kill: EventFd,
     epoll: Epoll,
@@ -127,7 +119,6 @@ impl Worker {
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: DeviceNeedsReset,
         disk: Arc<DiskImage>,
-        direct: bool,
         io_engine: IoEngineKind,
         id: [u8; ID_LEN],
         metrics: Arc<BlockMetrics>,
@@ -135,20 +126,6 @@ impl Worker {
         kill: EventFd,
     ) -> Result<Self, WorkerError> {
         let engine = IoEngine::new(RING_ENTRIES, disk.path(), io_engine)?;
-        let buffered = if direct {
-            Some(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!disk.readonly())
-                    .open(disk.path())
-                    .map_err(|source| WorkerError::Reopen {
-                        path: disk.path().display().to_string(),
-                        source,
-                    })?,
-            )
-        } else {
-            None
-        };
         let queue_size = queue.size();
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
         // The queue and completion eventfds are edge-triggered and never read: every write
@@ -179,7 +156,6 @@ impl Worker {
             queue_evt,
             interrupt,
             disk,
-            buffered,
             engine,
             kill,
             epoll,
@@ -501,10 +477,10 @@ impl Worker {
                             let aligned = iovecs.iter().all(|v| {
                                 (v.iov_base as usize | v.iov_len) % SECTOR_SIZE as usize == 0
                             });
-                            let fd = match (&self.buffered, aligned) {
-                                (Some(f), false) => {
+                            let fd = match (self.disk.buffered_fd(), aligned) {
+                                (Some(fd), false) => {
                                     BlockMetrics::add(&self.metrics.unaligned, 1);
-                                    f.as_raw_fd()
+                                    fd
                                 }
                                 _ => self.disk.fd(),
                             };

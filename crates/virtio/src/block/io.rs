@@ -37,6 +37,9 @@ pub enum DiskError {
 /// An opened raw image.
 pub struct DiskImage {
     file: File,
+    /// With O_DIRECT: a page-cache descriptor of the same image for buffers O_DIRECT cannot
+    /// take (not 512-byte aligned). Opened with the image, never at the guest's request.
+    buffered: Option<File>,
     path: PathBuf,
     readonly: bool,
     /// Capacity in 512-byte sectors.
@@ -120,8 +123,20 @@ impl DiskImage {
                 sectors * SECTOR_SIZE
             );
         }
+        let buffered = if direct {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(!readonly)
+                    .open(path)
+                    .map_err(open_err)?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             file,
+            buffered,
             path: path.to_path_buf(),
             readonly,
             sectors,
@@ -142,6 +157,11 @@ impl DiskImage {
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// The page-cache descriptor of an O_DIRECT image.
+    pub fn buffered_fd(&self) -> Option<RawFd> {
+        self.buffered.as_ref().map(|f| f.as_raw_fd())
     }
 
     /// fdatasync: everything written so far is on stable storage.

@@ -2,7 +2,7 @@
 //! activation and reset. Frames move on a worker thread (`event_handler.rs`).
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -15,7 +15,8 @@ use super::tap::{
     generated_mac, Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
 };
 use crate::device::{
-    features, kill_eventfds, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+    features, kill_eventfds, read_config_bytes, start_worker, ActivateContext, ActivateError,
+    DeviceState, WorkerKind,
 };
 use crate::transport::SharedWarnLimiter;
 use crate::VirtioDevice;
@@ -45,7 +46,9 @@ pub enum NetError {
 
 struct Active {
     kill: EventFd,
-    worker: JoinHandle<Tap>,
+    worker: JoinHandle<()>,
+    /// Where the worker leaves the tap when it ends.
+    tap: Arc<Mutex<Option<Tap>>>,
 }
 
 pub struct Net {
@@ -73,6 +76,11 @@ impl Net {
     pub fn new(cfg: &NetConfig) -> Result<Self, NetError> {
         let tap = Tap::open(&cfg.tap, cfg.ip)?;
         let mac = cfg.mac.unwrap_or_else(|| generated_mac(&cfg.tap));
+        Ok(Self::with_tap(tap, &cfg.tap, mac))
+    }
+
+    /// A device on a tap that is already open (a socketpair stand-in in the fuzz bodies).
+    pub(crate) fn with_tap(tap: Tap, tap_name: &str, mac: [u8; 6]) -> Self {
         let offloads = tap.supported_offloads();
         let mut avail_features = features::VIRTIO_F_VERSION_1
             | features::VIRTIO_F_EVENT_IDX
@@ -104,8 +112,8 @@ impl Net {
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         config[10..12].copy_from_slice(&MTU.to_le_bytes());
-        Ok(Self {
-            tap_name: cfg.tap.clone(),
+        Self {
+            tap_name: tap_name.to_string(),
             tap: Some(tap),
             mac,
             avail_features,
@@ -113,7 +121,7 @@ impl Net {
             metrics: Arc::new(NetMetrics::default()),
             state: DeviceState::Inactive,
             log: Arc::default(),
-        })
+        }
     }
 
     pub fn metrics(&self) -> Arc<NetMetrics> {
@@ -188,31 +196,45 @@ impl VirtioDevice for Net {
                 tracing::warn!("tap {}: TUNSETOFFLOAD failed: {e}", self.tap_name);
             }
         }
-        let (kill, worker_kill) = kill_eventfds("virtio-net kill")?;
-        let worker = match Worker::new(
-            ctx,
-            tap,
-            self.mac,
-            self.metrics.clone(),
-            self.log.clone(),
-            worker_kill,
-        ) {
-            Ok(w) => w,
-            Err((tap, e)) => {
+        let (kill, worker_kill) = match kill_eventfds("virtio-net kill") {
+            Ok(k) => k,
+            Err(e) => {
                 self.tap = Some(tap);
                 return Err(e);
             }
         };
-        let handle = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run())
-            .map_err(|source| ActivateError::Worker {
-                name: format!("virtio-net {}", self.tap_name),
-                source,
-            })?;
+        // The worker hands the tap back when it ends (at reset), or when its set-up fails.
+        let returned: Arc<Mutex<Option<Tap>>> = Arc::default();
+        let back = returned.clone();
+        let (mac, metrics, log) = (self.mac, self.metrics.clone(), self.log.clone());
+        let spawner = ctx.spawner.clone();
+        let started = start_worker(
+            &*spawner,
+            WorkerKind::Net,
+            format!("virtio-net {}", self.tap_name),
+            move || match Worker::new(ctx, tap, mac, metrics, log, worker_kill) {
+                Ok(w) => Ok((w, back)),
+                Err((tap, e)) => {
+                    *back.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+                    Err(e)
+                }
+            },
+            |(w, back)| {
+                let tap = w.run();
+                *back.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+            },
+        );
+        let handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                self.tap = returned.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Err(e);
+            }
+        };
         self.state = DeviceState::Activated(Active {
             kill,
             worker: handle,
+            tap: returned,
         });
         Ok(())
     }
@@ -220,7 +242,8 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         if let Some(active) = self.state.take() {
             let _ = active.kill.write(1);
-            if let Ok(tap) = active.worker.join() {
+            let _ = active.worker.join();
+            if let Some(tap) = active.tap.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 // Plain frames again until the next driver negotiates offloads.
                 let _ = tap.set_offloads(0);
                 self.tap = Some(tap);

@@ -142,7 +142,7 @@ impl Worker {
             let q = QueueIo {
                 index,
                 queue,
-                evt: evt,
+                evt,
                 used_since_signal: false,
             };
             match index {
@@ -822,6 +822,7 @@ mod tests {
             queues,
             interrupt: irq.clone(),
             needs_reset: DeviceNeedsReset::new(irq),
+            spawner: Arc::new(crate::DirectSpawner),
         };
         let metrics = Arc::new(NetMetrics::default());
         let Ok(mut w) = Worker::new(

@@ -36,8 +36,8 @@ use crate::device::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
 use crate::device::{
-    ActivateContext, ActivateError, DeviceNeedsReset, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    ActivateContext, ActivateError, DeviceNeedsReset, DirectSpawner, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, WorkerSpawner,
 };
 
 /// MagicValue (§4.2.2): "virt" in little-endian ASCII.
@@ -447,6 +447,8 @@ pub struct MmioTransport {
     /// Driver writes to the configuration space, part of ConfigGeneration.
     config_writes: u32,
     warn: WarnLimiter,
+    /// Starts the device's workers at activation.
+    spawner: Arc<dyn WorkerSpawner>,
 }
 
 impl MmioTransport {
@@ -500,7 +502,15 @@ impl MmioTransport {
             queues,
             config_writes: 0,
             warn: WarnLimiter::default(),
+            spawner: Arc::new(DirectSpawner),
         })
+    }
+
+    /// Has the device's workers started by `spawner` (by default, directly from the thread
+    /// that activates the device).
+    pub fn with_spawner(mut self, spawner: Arc<dyn WorkerSpawner>) -> Self {
+        self.spawner = spawner;
+        self
     }
 
     /// Each virtqueue's index and the eventfd its available buffer notifications go to: the
@@ -776,6 +786,7 @@ impl MmioTransport {
             queues,
             interrupt: self.interrupt.clone(),
             needs_reset: self.needs_reset.clone(),
+            spawner: self.spawner.clone(),
         };
         self.device
             .activate(ctx)
