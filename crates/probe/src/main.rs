@@ -8,6 +8,7 @@
 
 mod acpi;
 mod blk;
+mod blkcrash;
 mod bootinfo;
 mod dsdt;
 mod hostile;
@@ -57,6 +58,7 @@ enum Mode {
     BlkBench,
     BlkHostile,
     BlkInflight,
+    BlkCrash,
     Chatter,
     Net(netmodes::Mode),
     NetHostile,
@@ -110,6 +112,7 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"blk-bench" => Mode::BlkBench,
                 b"blk-hostile" => Mode::BlkHostile,
                 b"blk-inflight" => Mode::BlkInflight,
+                b"blk-crash" => Mode::BlkCrash,
                 b"chatter" => Mode::Chatter,
                 b"net-ping" => Mode::Net(netmodes::Mode::Ping),
                 b"net-udp" => Mode::Net(netmodes::Mode::Udp),
@@ -182,6 +185,7 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::BlkBench => pass = blk::bench(boot.cmdline()),
         Mode::BlkHostile => pass = hostile::run(boot.cmdline()),
         Mode::BlkInflight => pass = inflight::run(boot.cmdline()),
+        Mode::BlkCrash => pass = blkcrash::run(boot.cmdline()),
         Mode::Chatter => chatter(o.count),
         Mode::Net(m) => pass = netmodes::run(m, boot.cmdline()),
         Mode::NetHostile => pass = nethostile::run(boot.cmdline()),
