@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 use virtio::block::IoEngineKind;
-use vmm::{DiskConfig, NetConfig, PlatformConfig, SeccompMode, SerialConfig, VmConfig};
+use vmm::{
+    DiskConfig, LandlockAccess, LandlockConfig, LandlockRule, NetConfig, PlatformConfig,
+    SeccompMode, SerialConfig, VmConfig,
+};
 
 /// A user error in the command line or config file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,6 +81,14 @@ pub struct Cli {
     /// kernel logs it and lets it through) or false (default true).
     #[arg(long, value_name = "true|false|log")]
     pub seccomp: Option<String>,
+    /// Landlock: once set-up is done, the process reaches only the files it was given
+    /// (kernel, initramfs, disks, console file, /dev/kvm, /dev/net/tun) and the paths of
+    /// --landlock-rules: on or off (default on where the kernel has Landlock).
+    #[arg(long, value_name = "on|off", num_args = 0..=1, default_missing_value = "on")]
+    pub landlock: Option<String>,
+    /// A path the process may still reach under Landlock: path=P,access=read|rw; repeatable.
+    #[arg(long, value_name = "path=P,access=read|rw")]
+    pub landlock_rules: Vec<String>,
     /// Log level: error, warn, info, debug or trace (default info).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -98,6 +109,15 @@ pub struct ConfigFile {
     nets: Option<Vec<NetFile>>,
     platform: Option<PlatformFile>,
     seccomp: Option<SeccompValue>,
+    landlock: Option<bool>,
+    landlock_rules: Option<Vec<LandlockRuleFile>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct LandlockRuleFile {
+    path: PathBuf,
+    access: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -391,6 +411,42 @@ pub fn parse_platform(s: &str) -> Result<PlatformConfig, CliError> {
     Ok(p)
 }
 
+fn landlock_access(v: &str) -> Result<LandlockAccess, CliError> {
+    match v {
+        "read" => Ok(LandlockAccess::Read),
+        "rw" => Ok(LandlockAccess::ReadWrite),
+        _ => Err(CliError::BadValue {
+            option: "--landlock-rules access",
+            value: v.to_string(),
+            what: "access (read or rw)",
+        }),
+    }
+}
+
+pub fn parse_landlock_rule(s: &str) -> Result<LandlockRule, CliError> {
+    let (mut path, mut access) = (None, None);
+    for (k, v) in key_values(
+        "--landlock-rules",
+        s,
+        &["path", "access"],
+        "path=P,access=read|rw",
+    )? {
+        match k {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "access" => access = Some(landlock_access(v)?),
+            _ => {}
+        }
+    }
+    match (path, access) {
+        (Some(path), Some(access)) => Ok(LandlockRule { path, access }),
+        _ => Err(CliError::BadValue {
+            option: "--landlock-rules",
+            value: s.to_string(),
+            what: "rule (path=P,access=read|rw)",
+        }),
+    }
+}
+
 pub fn parse_seccomp(s: &str) -> Result<SeccompMode, CliError> {
     match s {
         "true" | "on" => Ok(SeccompMode::Enforce),
@@ -513,7 +569,30 @@ impl Cli {
             (None, Some(SeccompValue::Text(t))) => parse_seccomp(t)?,
             (None, None) => SeccompMode::default(),
         };
+        let enabled = match (&self.landlock, file.landlock) {
+            (Some(v), _) => on_off("--landlock", v)?,
+            (None, Some(b)) => b,
+            (None, None) => true,
+        };
+        let rules = if !self.landlock_rules.is_empty() {
+            self.landlock_rules
+                .iter()
+                .map(|r| parse_landlock_rule(r))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            file.landlock_rules
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| {
+                    Ok(LandlockRule {
+                        path: r.path,
+                        access: landlock_access(&r.access)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, CliError>>()?
+        };
         Ok(VmConfig {
+            landlock: LandlockConfig { enabled, rules },
             seccomp,
             kernel,
             initramfs: self.initramfs.or(file.initramfs),

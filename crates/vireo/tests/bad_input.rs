@@ -250,6 +250,21 @@ fn ambiguous_or_invalid_option_values() {
         &["--kernel", k, "--disk", "path=/a.img,io_engine=aio"],
         "I/O engine",
     );
+    assert_one_line_error(&["--kernel", k, "--seccomp", "maybe"], "--seccomp");
+    assert_one_line_error(&["--kernel", k, "--landlock", "sometimes"], "--landlock");
+    assert_one_line_error(
+        &["--kernel", k, "--landlock-rules", "path=/tmp,access=write"],
+        "access (read or rw)",
+    );
+    assert_one_line_error(
+        &[
+            "--kernel",
+            k,
+            "--landlock-rules",
+            "path=/nonexistent/snapshots,access=rw",
+        ],
+        "--landlock-rules path=/nonexistent/snapshots",
+    );
 }
 
 /// Runs vireo as an unprivileged user (no access to the root-only /dev/kvm), and in a

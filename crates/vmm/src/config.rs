@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::landlock::{LandlockAccess, LandlockConfig, LandlockRule};
 pub use crate::seccomp::SeccompMode;
 
 /// Where the guest's COM1 goes.
@@ -43,6 +44,8 @@ pub struct VmConfig {
     pub platform: PlatformConfig,
     /// seccomp filters on every thread.
     pub seccomp: SeccompMode,
+    /// The Landlock domain the process enters once its files are open.
+    pub landlock: LandlockConfig,
 }
 
 /// The most vCPUs: APIC IDs are 8-bit in the MADT's LAPIC entries and 255 is broadcast.
@@ -117,6 +120,7 @@ mod tests {
             nets: Vec::new(),
             platform: PlatformConfig::default(),
             seccomp: SeccompMode::Enforce,
+            landlock: LandlockConfig::default(),
         }
     }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod files;
+pub mod landlock;
 pub mod memory;
 pub mod seccomp;
 pub mod terminal;
@@ -12,5 +13,8 @@ pub mod vcpu;
 pub mod vm;
 pub mod workers;
 
-pub use config::{DiskConfig, NetConfig, PlatformConfig, SeccompMode, SerialConfig, VmConfig};
+pub use config::{
+    DiskConfig, LandlockAccess, LandlockConfig, LandlockRule, NetConfig, PlatformConfig,
+    SeccompMode, SerialConfig, VmConfig,
+};
 pub use vm::{run, ExitStatus, VmError};

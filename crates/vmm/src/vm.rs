@@ -53,6 +53,8 @@ pub enum VmError {
     ConsoleThread(std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Landlock(#[from] crate::landlock::LandlockError),
     #[error("cannot start the device worker spawner: {0}")]
     Spawner(std::io::Error),
     #[error("kernel {path}: {source}")]
@@ -252,10 +254,22 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
         .map(|n| Net::new(n).map_err(|source| VmError::Net { source }))
         .collect::<Result<Vec<_>, _>>()?;
     // Last of the host files, once everything it could clash with is open.
-    let (console_out, console_drain) =
-        open_console(config, &kernel_file, initrd_file.as_ref(), &filters)?;
-
+    let console_sink = open_console_sink(config, &kernel_file, initrd_file.as_ref())?;
     let kvm = open_kvm()?;
+    let pvm = arch::host_is_pvm();
+    // Every file is open and no other thread exists yet: all of them inherit the domain.
+    if config.landlock.enabled {
+        let paths = crate::landlock::vm_paths(config);
+        match crate::landlock::restrict(&paths)? {
+            crate::landlock::Enforcement::None => {
+                tracing::info!("landlock: not supported by this kernel; not restricting files")
+            }
+            e => tracing::debug!("landlock: {e:?} over {} paths", paths.len()),
+        }
+    }
+    phase("files open, landlock on");
+    let (console_out, console_drain) = start_console(console_sink, &filters)?;
+
     let vm = Arc::new(create_vm(&kvm)?);
     disable_pit_reinjection(vm.clone(), filters.clone());
     phase("VM created");
@@ -316,7 +330,6 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
             &what,
         )?;
     }
-    let pvm = arch::host_is_pvm();
     if pvm {
         tracing::info!(
             "host KVM is PVM (software backend): hiding CPUID features its emulator rejects"
@@ -437,16 +450,15 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
 /// How long the exit path waits for the console thread to write out the guest's last lines.
 const CONSOLE_FLUSH_LIMIT: Duration = Duration::from_millis(500);
 
-/// The sink COM1 writes to: a bounded buffer in front of the terminal or file (drained by
-/// the console thread, so a sink that stops reading never blocks a vCPU), or nothing.
-fn open_console(
+/// Where COM1's output goes: the terminal, the console file (checked against the VM's
+/// inputs), or nowhere (None).
+fn open_console_sink(
     config: &VmConfig,
     kernel: &File,
     initrd: Option<&File>,
-    filters: &Arc<Filters>,
-) -> Result<(Box<dyn Write + Send>, Option<ConsoleDrain>), VmError> {
+) -> Result<Option<Box<dyn Write + Send>>, VmError> {
     let sink: Box<dyn Write + Send> = match &config.serial {
-        SerialConfig::Off => return Ok((Box::new(std::io::sink()), None)),
+        SerialConfig::Off => return Ok(None),
         SerialConfig::Tty => Box::new(crate::device_manager::RawStdout),
         SerialConfig::File(path) => {
             let id = |f: &File| f.metadata().ok().map(|m| FileId::of(&m));
@@ -466,6 +478,18 @@ fn open_console(
             }
             Box::new(open_console_file(path, &inputs)?)
         }
+    };
+    Ok(Some(sink))
+}
+
+/// COM1's writer: a bounded buffer in front of the sink, drained by the console thread (so a
+/// sink that stops reading never blocks a vCPU).
+fn start_console(
+    sink: Option<Box<dyn Write + Send>>,
+    filters: &Arc<Filters>,
+) -> Result<(Box<dyn Write + Send>, Option<ConsoleDrain>), VmError> {
+    let Some(sink) = sink else {
+        return Ok((Box::new(std::io::sink()), None));
     };
     let f = filters.clone();
     let (out, drain) = console::spawn(sink, console::CONSOLE_BUFFER, move || {
