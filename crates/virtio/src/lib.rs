@@ -8,6 +8,8 @@
 
 pub mod block;
 pub mod device;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod net;
 pub mod transport;
 

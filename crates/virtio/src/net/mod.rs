@@ -4,6 +4,8 @@
 
 mod device;
 mod event_handler;
+#[doc(hidden)]
+pub mod fuzz_targets;
 mod metrics;
 pub mod tap;
 

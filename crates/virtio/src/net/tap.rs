@@ -206,8 +206,7 @@ impl Tap {
         Ok(())
     }
 
-    /// A stand-in for a tap on any descriptor (a socketpair end in tests).
-    #[cfg(test)]
+    /// A stand-in for a tap on any descriptor (a socketpair end in tests and fuzz bodies).
     pub(crate) fn from_file(file: File, name: &str) -> Self {
         Tap {
             file,
