@@ -1,5 +1,8 @@
 //! Side-by-side benchmarks of vireo and QEMU on the same guest, interleaved, repeated,
-//! reported as median, min and max with the vireo/QEMU ratio.
+//! reported as median, min and max with the vireo/QEMU ratio. `boot` (with Firecracker and
+//! Cloud Hypervisor beside them) lives in its own module.
+
+pub mod boot;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -9,14 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// One guest run: when its first console line and the given marker lines arrived, when the
-/// process exited, and its peak RSS.
+/// One guest run's marker lines: each line seen, when it arrived, and the CPU time (ns) the
+/// VMM's non-vCPU threads had used by then.
 struct Sample {
-    first_line: Duration,
-    exit: Duration,
-    peak_rss_kib: u64,
-    /// Each marker line seen: the line, when it arrived, and the CPU time (ns) the VMM's
-    /// non-vCPU threads had used by then.
     marks: Vec<(String, Duration, Option<VmmCpu>)>,
 }
 
@@ -68,25 +66,12 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
         }
         (first, seen)
     });
-    // A sampler reads the VMM's own high-water RSS (VmHWM) until its memory is gone, and
-    // kills the process group if the guest hangs. (wait4's ru_maxrss is no use here: it
-    // counts the forking parent's RSS from before exec.)
+    // A watchdog kills the process group if the guest hangs.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler_done = done.clone();
-    let sampler = std::thread::spawn(move || {
+    let watchdog_done = done.clone();
+    let watchdog = std::thread::spawn(move || {
         let deadline = Instant::now() + RUN_TIMEOUT;
-        let status = format!("/proc/{pid}/status");
-        let mut peak = 0u64;
-        while !sampler_done.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok(text) = std::fs::read_to_string(&status) {
-                if let Some(kib) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                {
-                    peak = peak.max(kib);
-                }
-            }
+        while !watchdog_done.load(std::sync::atomic::Ordering::Relaxed) {
             if Instant::now() > deadline {
                 // SAFETY: killing the process group we created.
                 unsafe {
@@ -94,9 +79,8 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
                 }
                 break;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        peak
     });
     let mut status = 0;
     // SAFETY: waiting for our own child with a valid out-pointer.
@@ -109,21 +93,17 @@ fn timed_run(cmd: &mut Command, marks: &[&str]) -> Result<Sample> {
     let (first, marks) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
-    let peak_rss_kib = sampler
+    watchdog
         .join()
-        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        .map_err(|_| anyhow::anyhow!("watchdog panicked"))?;
     if exit >= RUN_TIMEOUT {
         bail!("{cmd:?} timed out");
     }
-    Ok(Sample {
-        first_line: first.context("the guest printed nothing")?,
-        exit,
-        peak_rss_kib,
-        marks,
-    })
+    first.context("the guest printed nothing")?;
+    Ok(Sample { marks })
 }
 
-fn ensure_qemu() -> Result<()> {
+pub(super) fn ensure_qemu() -> Result<()> {
     crate::apt::ensure("bench", &["qemu-system-x86"])
 }
 
@@ -188,74 +168,6 @@ fn floor_row(name: &str, host: Vec<f64>) {
     }
     let (m, min, max) = stats(host);
     println!("{name:<28} host  {m:>9.3} us   [{min:.3}..{max:.3}]   (the same I/O from a host thread, no VMM)");
-}
-
-/// `cargo xtask bench boot`: the probe guest's quick mode (boot time, RSS) and pio mode
-/// (cost of one port-I/O exit), N times each in vireo and QEMU microvm, interleaved.
-pub fn boot(vireo: &Path, guest: &Path, n: usize) -> Result<()> {
-    ensure_qemu()?;
-    let quick = "probe.mode=quick probe.exit=port:0xf4";
-    let pio_count = 20_000;
-    let pio = format!("probe.mode=pio probe.count={pio_count} probe.exit=port:0xf4");
-    let marks = ["probe: pio start", "probe: pio done"];
-    let (mut vq, mut qq, mut vp, mut qp) = (vec![], vec![], vec![], vec![]);
-    for i in 0..n {
-        eprint!("\rbench boot: run {}/{n}", i + 1);
-        vq.push(timed_run(&mut vireo_cmd(vireo, guest, quick), &[])?);
-        qq.push(timed_run(&mut qemu_cmd(guest, quick, "microvm"), &[])?);
-        vp.push(timed_run(&mut vireo_cmd(vireo, guest, &pio), &marks)?);
-        qp.push(timed_run(&mut qemu_cmd(guest, &pio, "microvm"), &marks)?);
-    }
-    eprintln!();
-    let ms = |s: &[Sample], f: fn(&Sample) -> Duration| -> Vec<f64> {
-        s.iter().map(|x| f(x).as_secs_f64() * 1e3).collect()
-    };
-    let per_exit = |s: &[Sample]| -> Result<Vec<f64>> {
-        s.iter()
-            .map(|x| {
-                let t = |m: &str| {
-                    x.marks
-                        .iter()
-                        .find(|(k, _, _)| k.starts_with(m))
-                        .map(|(_, t, _)| *t)
-                };
-                match (t(marks[0]), t(marks[1])) {
-                    (Some(a), Some(b)) => Ok((b - a).as_secs_f64() * 1e6 / f64::from(pio_count)),
-                    _ => bail!("the pio run printed no start/done lines"),
-                }
-            })
-            .collect()
-    };
-    println!("probe guest, 1 vCPU, 512 MiB, {n} runs each, interleaved (median [min..max])");
-    row(
-        "spawn -> first guest line",
-        "ms",
-        ms(&vq, |s| s.first_line),
-        ms(&qq, |s| s.first_line),
-        "<= 0.1x",
-    );
-    row(
-        "spawn -> exit after reset",
-        "ms",
-        ms(&vq, |s| s.exit),
-        ms(&qq, |s| s.exit),
-        "<= 0.2x",
-    );
-    row(
-        "peak RSS",
-        "MiB",
-        vq.iter().map(|s| s.peak_rss_kib as f64 / 1024.0).collect(),
-        qq.iter().map(|s| s.peak_rss_kib as f64 / 1024.0).collect(),
-        "< 4 MiB",
-    );
-    row(
-        "port-I/O exit",
-        "us",
-        per_exit(&vp)?,
-        per_exit(&qp)?,
-        "<= 1.0x",
-    );
-    Ok(())
 }
 
 const GIB: u64 = 1 << 30;

@@ -1,9 +1,10 @@
 //! Project tasks: the guest kit, the test groups, the demo boot and the benchmarks.
 //!
-//! - `cargo xtask boot`  — build vireo (release) and the kit, then boot the probe guest
+//! - `cargo xtask boot`  — build vireo (release) and the probe guest, then boot it
 //! - `cargo xtask test`  — build the kit, run every test group
 //! - `cargo xtask kit`   — build the guest kit only
-//! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, boot time, RSS, port-I/O exits
+//! - `cargo xtask bench boot [N]` — vireo vs QEMU microvm, Firecracker (`FC_BIN`) and Cloud
+//!   Hypervisor (`CH_BIN`): boot time, RSS, port-I/O exits; `--concurrent N` for N VMs at once
 //! - `cargo xtask bench blk [N]` — virtio-blk throughput and VMM CPU per request, with fio
 //! - `cargo xtask bench net [N]` — virtio-net frames/s both ways and VMM CPU per frame
 //! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS (default 60), one by one
@@ -79,10 +80,18 @@ fn build_kit(root: &Path) -> Result<Kit> {
 }
 
 fn build_vireo(root: &Path) -> Result<PathBuf> {
+    // Either build can take minutes from cold; say what is being waited for.
+    eprintln!("building vireo (release)…");
     run(cargo()
         .current_dir(root)
         .args(["build", "--quiet", "--release", "-p", "vireo"]))?;
     Ok(root.join("target/release/vireo"))
+}
+
+/// The probe guest alone, for what boots nothing else (the demo boot, the benchmarks).
+fn build_probe(root: &Path) -> Result<probe::ProbeImages> {
+    eprintln!("building the probe guest…");
+    probe::build(root, &root.join("target/kit/probe"))
 }
 
 fn main() -> Result<()> {
@@ -111,15 +120,15 @@ fn main() -> Result<()> {
         }
         ["boot"] => {
             let vireo = build_vireo(&root)?;
-            let kit = build_kit(&root)?;
+            let probe = build_probe(&root)?;
             eprintln!(
                 "booting the probe guest: {} --kernel {} --cpus boot=2 --memory size=512M --cmdline 'probe.mode=boot'",
                 vireo.display(),
-                kit.probe.elf.display()
+                probe.elf.display()
             );
             let status = Command::new(&vireo)
                 .arg("--kernel")
-                .arg(&kit.probe.elf)
+                .arg(&probe.elf)
                 .args(["--cpus", "boot=2", "--memory", "size=512M"])
                 .args(["--cmdline", "probe.mode=boot"])
                 .status()?;
@@ -144,27 +153,28 @@ fn main() -> Result<()> {
                 .args(rest)
                 .args(["--", "--ignored", "--test-threads=1"]))?;
         }
+        // Every benchmark runs the probe guest only: no test kernel to build.
         ["bench", "boot", rest @ ..] => {
+            let opts = bench::boot::Options::parse(rest)?;
             let vireo = build_vireo(&root)?;
-            let kit = build_kit(&root)?;
-            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(10);
-            bench::boot(&vireo, &kit.probe.elf, n)?;
+            let probe = build_probe(&root)?;
+            bench::boot::run(&root, &vireo, &probe.elf, &opts)?;
         }
         ["bench", "blk", rest @ ..] => {
             let vireo = build_vireo(&root)?;
-            let kit = build_kit(&root)?;
+            let probe = build_probe(&root)?;
             let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(5);
-            bench::blk(&root, &vireo, &kit.probe.elf, n)?;
+            bench::blk(&root, &vireo, &probe.elf, n)?;
         }
         ["bench", "net", rest @ ..] => {
             let vireo = build_vireo(&root)?;
-            let kit = build_kit(&root)?;
+            let probe = build_probe(&root)?;
             let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(3);
-            bench::net(&vireo, &kit.probe.elf, n)?;
+            bench::net(&vireo, &probe.elf, n)?;
         }
         ["fuzz", rest @ ..] => fuzz::fuzz(&root, rest)?,
         _ => bail!(
-            "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench blk [N] | bench net [N] | fuzz [SECONDS]"
+            "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench boot --concurrent N [ROUNDS] | bench blk [N] | bench net [N] | fuzz [SECONDS]"
         ),
     }
     Ok(())
