@@ -8,9 +8,11 @@ pub mod bus;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzz_targets;
+pub mod ioapic;
 pub mod legacy;
 pub mod limiter;
 
 pub use bus::{Bus, BusDevice, BusError, BusStats};
 pub use exit::{ExitHandle, VmExitReason};
+pub use ioapic::{Ioapic, IoapicRouter, MsiMessage, IOAPIC_NUM_PINS, IOAPIC_WINDOW};
 pub use limiter::{SharedWarnLimiter, WarnLimiter};

@@ -7,8 +7,8 @@ use clap::Parser;
 use serde::Deserialize;
 use virtio::block::IoEngineKind;
 use vmm::{
-    DiskConfig, LandlockAccess, LandlockConfig, LandlockRule, NetConfig, PlatformConfig,
-    SeccompMode, SerialConfig, VmConfig,
+    DiskConfig, IrqchipMode, LandlockAccess, LandlockConfig, LandlockRule, NetConfig,
+    PlatformConfig, SeccompMode, SerialConfig, VmConfig,
 };
 
 /// A user error in the command line or config file.
@@ -153,6 +153,7 @@ struct DiskFile {
 struct PlatformFile {
     #[serde(default)]
     virtio_mmio_cmdline: bool,
+    irqchip: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -398,15 +399,30 @@ pub fn parse_net(s: &str) -> Result<NetConfig, CliError> {
     net_config(tap, mac, ip, mask, s)
 }
 
+fn irqchip(v: &str) -> Result<IrqchipMode, CliError> {
+    match v {
+        "split" => Ok(IrqchipMode::Split),
+        "kernel" => Ok(IrqchipMode::Kernel),
+        _ => Err(CliError::BadValue {
+            option: "--platform irqchip",
+            value: v.to_string(),
+            what: "irqchip (split or kernel)",
+        }),
+    }
+}
+
 pub fn parse_platform(s: &str) -> Result<PlatformConfig, CliError> {
     let mut p = PlatformConfig::default();
-    for (_, v) in key_values(
+    for (k, v) in key_values(
         "--platform",
         s,
-        &["virtio_mmio_cmdline"],
-        "virtio_mmio_cmdline=on|off",
+        &["virtio_mmio_cmdline", "irqchip"],
+        "virtio_mmio_cmdline=on|off,irqchip=split|kernel",
     )? {
-        p.virtio_mmio_cmdline = on_off("--platform virtio_mmio_cmdline", v)?;
+        match k {
+            "irqchip" => p.irqchip = irqchip(v)?,
+            _ => p.virtio_mmio_cmdline = on_off("--platform virtio_mmio_cmdline", v)?,
+        }
     }
     Ok(p)
 }
@@ -559,6 +575,12 @@ impl Cli {
             (Some(s), _) => parse_platform(s)?,
             (None, Some(p)) => PlatformConfig {
                 virtio_mmio_cmdline: p.virtio_mmio_cmdline,
+                irqchip: p
+                    .irqchip
+                    .as_deref()
+                    .map(irqchip)
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             (None, None) => PlatformConfig::default(),
         };

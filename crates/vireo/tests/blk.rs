@@ -58,6 +58,32 @@ fn assert_pattern(path: &Path, start: u64, len: u64, seed: u64) {
     }
 }
 
+/// A pattern written and read back under KVM's in-kernel irqchip.
+#[test]
+fn guest_pattern_round_trip_with_the_in_kernel_irqchip() {
+    if !kvm_available("guest_pattern_round_trip_with_the_in_kernel_irqchip") {
+        return;
+    }
+    let dir = scratch("blk-kernel-irqchip");
+    let img = image(&dir, "d0.img", 4 << 20);
+    let run = blk_spawn(
+        &[disk_arg(&img, "")],
+        &["--platform", "irqchip=kernel"],
+        "probe.mode=blk probe.blk.region=0:262144 probe.blk.seed=3",
+    )
+    .finish(PROBE_TIMEOUT);
+    run.assert_probe_ok();
+    assert_eq!(
+        run.field("probe: blk disk=0 verify", "mismatches")
+            .as_deref(),
+        Some("0"),
+        "{}",
+        run.stdout
+    );
+    assert_pattern(&img, 0, 262144, 3);
+    let _ = fs::remove_dir_all(dir);
+}
+
 #[test]
 fn guest_pattern_lands_in_the_file_and_a_second_boot_verifies_it() {
     if !kvm_available("guest_pattern_lands_in_the_file_and_a_second_boot_verifies_it") {
@@ -271,9 +297,23 @@ fn hostile_requests_get_their_answers_and_the_vmm_survives() {
     if !kvm_available("hostile_requests_get_their_answers_and_the_vmm_survives") {
         return;
     }
-    let dir = scratch("blk-hostile");
+    hostile_requests(&[], "blk-hostile");
+}
+
+/// The same under KVM's in-kernel irqchip (the split irqchip is the default).
+#[test]
+fn hostile_requests_with_the_in_kernel_irqchip() {
+    if !kvm_available("hostile_requests_with_the_in_kernel_irqchip") {
+        return;
+    }
+    hostile_requests(&["--platform", "irqchip=kernel"], "blk-hostile-kernel");
+}
+
+fn hostile_requests(extra: &[&str], name: &str) {
+    let dir = scratch(name);
     let img = image(&dir, "d.img", 1 << 20);
-    let run = blk_run(&[disk_arg(&img, "")], "probe.mode=blk-hostile");
+    let run =
+        blk_spawn(&[disk_arg(&img, "")], extra, "probe.mode=blk-hostile").finish(PROBE_TIMEOUT);
     run.assert_probe_ok();
     let case = |name: &str| {
         run.lines_with("probe: blk-hostile case=")

@@ -73,6 +73,20 @@ fn pvh_boot_reports_everything_vireo_promised() {
     assert_eq!(run.line("probe: initrd"), Some("probe: initrd none"));
 }
 
+/// KVM's in-kernel PIC, IOAPIC and PIT instead of the split irqchip (the default).
+#[test]
+fn pvh_boot_with_the_in_kernel_irqchip() {
+    if !kvm_available("pvh_boot_with_the_in_kernel_irqchip") {
+        return;
+    }
+    let run = probe_boot(
+        &probe_elf(),
+        "",
+        &["--platform", "irqchip=kernel", "--cpus", "boot=2"],
+    );
+    check_common_facts(&run, "pvh", 2, 512 * MIB);
+}
+
 #[test]
 fn bzimage_boot_reports_the_same_facts() {
     if !kvm_available("bzimage_boot_reports_the_same_facts") {

@@ -129,9 +129,28 @@ fn write_ext4_image(path: &Path, sectors: u64) {
 #[test]
 #[ignore = "slow group: run by `cargo xtask test`"]
 fn linux_brings_up_4_cpus_with_our_acpi_tables_and_memory() {
-    let Some(boot) = LinuxBoot::run(
+    four_cpus(
         "linux_brings_up_4_cpus_with_our_acpi_tables_and_memory",
-        &["--cpus", "boot=4", "--memory", "size=256M"],
+        &[],
+    );
+}
+
+/// The same under KVM's in-kernel irqchip (the split irqchip is the default).
+#[test]
+#[ignore = "slow group: run by `cargo xtask test`"]
+fn linux_brings_up_4_cpus_with_the_in_kernel_irqchip() {
+    four_cpus(
+        "linux_brings_up_4_cpus_with_the_in_kernel_irqchip",
+        &["--platform", "irqchip=kernel"],
+    );
+}
+
+fn four_cpus(test: &str, extra: &[&str]) {
+    let mut args = vec!["--cpus", "boot=4", "--memory", "size=256M"];
+    args.extend_from_slice(extra);
+    let Some(boot) = LinuxBoot::run(
+        test,
+        &args,
         "",
         &[
             "ACPI: FACP",
@@ -305,15 +324,31 @@ impl Drop for DhcpServer {
 #[test]
 #[ignore = "slow group: run by `cargo xtask test`"]
 fn linux_configures_virtio_net_by_dhcp_with_our_mac() {
-    if !kvm_available("linux_configures_virtio_net_by_dhcp_with_our_mac") {
+    dhcp("linux_configures_virtio_net_by_dhcp_with_our_mac", &[]);
+}
+
+/// The same under KVM's in-kernel irqchip.
+#[test]
+#[ignore = "slow group: run by `cargo xtask test`"]
+fn linux_dhcp_with_the_in_kernel_irqchip() {
+    dhcp(
+        "linux_dhcp_with_the_in_kernel_irqchip",
+        &["--platform", "irqchip=kernel"],
+    );
+}
+
+fn dhcp(test: &str, extra: &[&str]) {
+    if !kvm_available(test) {
         return;
     }
     let tap = "vrl-dhcp0";
     let _server = DhcpServer::start(tap, "10.231.7.1", ("10.231.7.50", "10.231.7.59"));
     let net = format!("tap={tap},mac=52:54:00:a7:0c:35");
+    let mut args = vec!["--net", net.as_str()];
+    args.extend_from_slice(extra);
     let Some(boot) = LinuxBoot::run(
-        "linux_configures_virtio_net_by_dhcp_with_our_mac",
-        &["--net", &net],
+        test,
+        &args,
         "ip=dhcp",
         &["Got DHCP answer from 10.231.7.1", "hwaddr="],
     ) else {

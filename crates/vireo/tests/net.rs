@@ -79,6 +79,31 @@ fn the_guest_pings_the_host() {
         .is_some_and(|a| !a.ends_with("timeout")));
 }
 
+/// The same ping under KVM's in-kernel irqchip.
+#[test]
+fn the_guest_pings_the_host_with_the_in_kernel_irqchip() {
+    if !kvm_available("the_guest_pings_the_host_with_the_in_kernel_irqchip") {
+        return;
+    }
+    let l = link(12);
+    let r = run(vec![
+        "--platform".into(),
+        "irqchip=kernel".into(),
+        "--net".into(),
+        l.net_arg(""),
+        "--cmdline".into(),
+        l.cmdline("net-ping", "probe.net.count=3"),
+    ])
+    .finish(PROBE_TIMEOUT);
+    r.assert_probe_ok();
+    assert_eq!(
+        r.field("probe: net ping sent", "received").as_deref(),
+        Some("3"),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn the_mac_given_on_the_command_line_is_the_guests() {
     if !kvm_available("the_mac_given_on_the_command_line_is_the_guests") {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::interrupts::IrqchipMode;
 pub use crate::landlock::{LandlockAccess, LandlockConfig, LandlockRule};
 pub use crate::seccomp::SeccompMode;
 
@@ -24,6 +25,8 @@ pub struct PlatformConfig {
     /// command line (for kernels with VIRTIO_MMIO_CMDLINE_DEVICES and guests without an ACPI
     /// DSDT parser). Off by default: a kernel reading both would claim each window twice.
     pub virtio_mmio_cmdline: bool,
+    /// Where the interrupt controllers live.
+    pub irqchip: IrqchipMode,
 }
 
 pub use virtio::block::BlockConfig as DiskConfig;

@@ -12,7 +12,9 @@ use arch::acpi::AcpiPmPorts;
 use arch::acpi_tables::{aml, Aml, AmlSink};
 use arch::layout;
 use devices::legacy::{AcpiPmDevice, DebugExitDevice, Serial, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
-use devices::{Bus, BusError, ExitHandle};
+use devices::{Bus, BusError, ExitHandle, Ioapic, IOAPIC_WINDOW};
+
+use crate::interrupts::InterruptManager;
 
 use crate::memory::{MemoryError, SystemAllocator};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -27,11 +29,10 @@ pub enum DeviceError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot register the irqfd of {what} on GSI {gsi}: {source}")]
-    Irqfd {
+    #[error("cannot connect the interrupt of {what}: {source}")]
+    Interrupt {
         what: &'static str,
-        gsi: u32,
-        source: kvm_ioctls::Error,
+        source: crate::interrupts::InterruptError,
     },
     #[error("cannot place {what}: {source}")]
     Resources { what: String, source: MemoryError },
@@ -102,7 +103,7 @@ impl Write for RawStdout {
 impl DeviceManager {
     /// The legacy devices; COM1's output goes to `console` (which must never block).
     pub fn new(
-        vm: &VmFd,
+        irqs: &InterruptManager,
         exit: &ExitHandle,
         console: Box<dyn Write + Send>,
     ) -> Result<Self, DeviceError> {
@@ -110,10 +111,9 @@ impl DeviceManager {
         let mmio_bus = Bus::new();
         let out = console;
         let serial_irq = eventfd("COM1")?;
-        vm.register_irqfd(&serial_irq, layout::IRQ_COM1)
-            .map_err(|source| DeviceError::Irqfd {
+        irqs.connect(layout::IRQ_COM1, &serial_irq)
+            .map_err(|source| DeviceError::Interrupt {
                 what: "COM1",
-                gsi: layout::IRQ_COM1,
                 source,
             })?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
@@ -155,9 +155,11 @@ impl DeviceManager {
     /// from the allocators, an irqfd for its interrupt, an ioeventfd per queue on
     /// QueueNotify (so a notification costs no exit to user space), a DSDT entry
     /// (`LNRO0005`, as Linux expects) and a command-line entry for kernels that want one.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_virtio_mmio(
         &mut self,
         vm: &VmFd,
+        irqs: &InterruptManager,
         allocator: &mut SystemAllocator,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         device: Box<dyn VirtioDevice>,
@@ -174,10 +176,9 @@ impl DeviceManager {
         let gsi = allocator.allocate_gsi().map_err(resources)?;
         let base = window.start();
         let irq = eventfd("virtio-mmio interrupt")?;
-        vm.register_irqfd(&irq, gsi)
-            .map_err(|source| DeviceError::Irqfd {
+        irqs.connect(gsi, &irq)
+            .map_err(|source| DeviceError::Interrupt {
                 what: "virtio-mmio device",
-                gsi,
                 source,
             })?;
         let transport = MmioTransport::new(device, mem, irq)
@@ -212,6 +213,22 @@ impl DeviceManager {
             VIRTIO_MMIO_WINDOW >> 10
         ));
         Ok(())
+    }
+
+    /// The I/O APIC model of the split irqchip, at its MADT address on the MMIO bus; its
+    /// routes go through `irqs`. The vCPUs take its EOIs.
+    pub fn add_ioapic(
+        &mut self,
+        irqs: &InterruptManager,
+    ) -> Result<Arc<Mutex<Ioapic>>, DeviceError> {
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(irqs.ioapic_router())));
+        self.mmio_bus.insert(
+            "I/O APIC",
+            ioapic.clone(),
+            layout::IOAPIC_START,
+            IOAPIC_WINDOW,
+        )?;
+        Ok(ioapic)
     }
 
     /// Keeps a disk image for [`DeviceManager::sync_disks`].

@@ -5,6 +5,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod files;
+pub mod interrupts;
 pub mod landlock;
 pub mod memory;
 pub mod seccomp;
@@ -14,7 +15,7 @@ pub mod vm;
 pub mod workers;
 
 pub use config::{
-    DiskConfig, LandlockAccess, LandlockConfig, LandlockRule, NetConfig, PlatformConfig,
-    SeccompMode, SerialConfig, VmConfig,
+    DiskConfig, IrqchipMode, LandlockAccess, LandlockConfig, LandlockRule, NetConfig,
+    PlatformConfig, SeccompMode, SerialConfig, VmConfig,
 };
 pub use vm::{run, ExitStatus, VmError};

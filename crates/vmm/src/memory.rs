@@ -1,8 +1,6 @@
 //! The memory manager: guest RAM per the arch layout, its KVM memory slots, and the
 //! allocators that hand out MMIO space and interrupt lines to devices.
 
-use std::sync::Arc;
-
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator, RangeInclusive};
@@ -37,40 +35,11 @@ pub enum MemoryError {
         size: u64,
         source: vm_allocator::Error,
     },
-    #[error("cannot start the memory-slot thread: {0}")]
-    Thread(std::io::Error),
-    #[error("the memory-slot thread panicked")]
-    ThreadPanicked,
     #[error("no interrupt line left: {0}")]
     GsiExhausted(vm_allocator::Error),
 }
 
 type Result<T> = std::result::Result<T, MemoryError>;
-
-/// Memory slots being registered with KVM; see [`MemoryManager::register_with`].
-pub struct PendingRegistration<'a> {
-    handle: Option<std::thread::JoinHandle<Result<()>>>,
-    _memory: std::marker::PhantomData<&'a MemoryManager>,
-}
-
-impl PendingRegistration<'_> {
-    /// Waits until KVM has every slot.
-    pub fn wait(mut self) -> Result<()> {
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(MemoryError::ThreadPanicked),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for PendingRegistration<'_> {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 /// Asks for transparent huge pages on guest RAM above the first 2 MiB. Huge pages make the
 /// host's page-table walks, KVM's mappings and O_DIRECT pinning of guest buffers several
@@ -189,40 +158,23 @@ impl MemoryManager {
             .collect()
     }
 
-    /// Hands every RAM region to KVM as one memory slot, on a helper thread: creating a
-    /// slot waits for an SRCU grace period in KVM (3–10 ms measured on PVM hosts), which
-    /// then overlaps loading the kernel and configuring the vCPUs. Wait on the result before
-    /// running any vCPU; the borrow keeps the mappings alive until then.
-    pub fn register_with(
-        &self,
-        vm: Arc<VmFd>,
-        filters: Arc<crate::seccomp::Filters>,
-    ) -> Result<PendingRegistration<'_>> {
-        let slots = self.slots()?;
-        let handle = std::thread::Builder::new()
-            .name("memslots".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                filters.apply_or_exit(crate::seccomp::ThreadKind::Setup);
-                for mr in slots {
-                    // SAFETY: each region is a live mapping owned by the MemoryManager, which
-                    // the PendingRegistration borrows and the Vm keeps until its fd is closed.
-                    unsafe { vm.set_user_memory_region(mr) }.map_err(|source| {
-                        MemoryError::SetUserMemoryRegion {
-                            slot: mr.slot,
-                            addr: mr.guest_phys_addr,
-                            size: mr.memory_size,
-                            source,
-                        }
-                    })?;
+    /// Hands every RAM region to KVM as one memory slot. Call right after creating the VM:
+    /// before the irqchip exists a slot costs ~0.3 ms; after it, KVM waits out an SRCU grace
+    /// period (5–10 ms measured on PVM hosts).
+    pub fn register(&self, vm: &VmFd) -> Result<()> {
+        for mr in self.slots()? {
+            // SAFETY: each region is a live mapping owned by this MemoryManager, which the
+            // Vm keeps until its fd is closed (or forgets, with the fd, at a stuck exit).
+            unsafe { vm.set_user_memory_region(mr) }.map_err(|source| {
+                MemoryError::SetUserMemoryRegion {
+                    slot: mr.slot,
+                    addr: mr.guest_phys_addr,
+                    size: mr.memory_size,
+                    source,
                 }
-                Ok(())
-            })
-            .map_err(MemoryError::Thread)?;
-        Ok(PendingRegistration {
-            handle: Some(handle),
-            _memory: std::marker::PhantomData,
-        })
+            })?;
+        }
+        Ok(())
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

@@ -118,6 +118,13 @@ const KVM_SET_USER_MEMORY_REGION: u64 = iow(
     std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>() as u64,
 );
 const KVM_REINJECT_CONTROL: u64 = io(0x71);
+// The split irqchip's I/O APIC model, on the vCPU that wrote its redirection table.
+const KVM_SET_GSI_ROUTING: u64 = iow(
+    0x6a,
+    std::mem::size_of::<kvm_bindings::kvm_irq_routing>() as u64,
+);
+const KVM_IRQFD: u64 = iow(0x76, std::mem::size_of::<kvm_bindings::kvm_irqfd>() as u64);
+const KVM_SIGNAL_MSI: u64 = iow(0xa5, std::mem::size_of::<kvm_bindings::kvm_msi>() as u64);
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
@@ -233,7 +240,14 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             #[cfg(target_arch = "aarch64")]
             let regs = KVM_GET_ONE_REG;
             // TUNSETOFFLOAD: a NIC's reset puts the tap back to plain frames.
-            vec![KVM_RUN, regs, TUNSETOFFLOAD]
+            vec![
+                KVM_RUN,
+                regs,
+                TUNSETOFFLOAD,
+                KVM_SET_GSI_ROUTING,
+                KVM_IRQFD,
+                KVM_SIGNAL_MSI,
+            ]
         }
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TUNSETOFFLOAD],
         ThreadKind::NetWorker | ThreadKind::Spawner => vec![TUNSETOFFLOAD],

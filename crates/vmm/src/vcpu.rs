@@ -113,6 +113,8 @@ pub struct VcpuShared {
     pub exit: ExitHandle,
     pub stop: Arc<AtomicBool>,
     pub filters: Arc<crate::seccomp::Filters>,
+    /// The split irqchip's I/O APIC, which takes the local APICs' EOIs of level vectors.
+    pub ioapic: Option<Arc<std::sync::Mutex<devices::Ioapic>>>,
 }
 
 thread_local! {
@@ -215,6 +217,13 @@ fn run(mut vcpu: Vcpu, shared: VcpuShared) {
             }
             // The in-kernel LAPIC handles HLT; an exit here is spurious.
             Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::IoapicEoi(vector)) => {
+                if let Some(io) = &shared.ioapic {
+                    io.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .end_of_interrupt(vector);
+                }
+            }
             Ok(VcpuExit::Shutdown) => {
                 let rip = rip(&vcpu.fd);
                 fatal(format!(

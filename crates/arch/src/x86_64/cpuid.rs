@@ -24,6 +24,7 @@ const LEAF1_ECX_F16C: u32 = 1 << 29;
 const LEAF1_ECX_RDRAND: u32 = 1 << 30;
 const LEAF1_ECX_FMA: u32 = 1 << 12;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 // Leaf 7.0 EBX / ECX / EDX.
 const LEAF7_EBX_FSGSBASE: u32 = 1 << 0;
@@ -105,6 +106,9 @@ const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 pub struct CpuidConfig {
     pub vcpu_count: u8,
     pub hide_pvm_unsupported: bool,
+    /// KVM emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): offer it, so a
+    /// guest needs no PIT to calibrate the local APIC timer.
+    pub tsc_deadline: bool,
 }
 
 /// Bits needed to number `count` things.
@@ -149,6 +153,9 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, cfg: CpuidConfig) -> Result<Cp
     if let Some(e) = find(&mut cpuid, 1, 0) {
         e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((n.min(255)) << 16);
         e.ecx |= LEAF1_ECX_HYPERVISOR;
+        if cfg.tsc_deadline {
+            e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+        }
         if n > 1 {
             e.edx |= LEAF1_EDX_HTT;
         } else {
@@ -267,6 +274,7 @@ mod tests {
         let cfg = CpuidConfig {
             vcpu_count: 4,
             hide_pvm_unsupported: false,
+            tsc_deadline: false,
         };
         for id in 0..4u8 {
             let c = vcpu_cpuid(&supported(), id, cfg).unwrap();
@@ -289,6 +297,7 @@ mod tests {
         let cfg = CpuidConfig {
             vcpu_count: 1,
             hide_pvm_unsupported: false,
+            tsc_deadline: false,
         };
         let c = vcpu_cpuid(&supported(), 0, cfg).unwrap();
         let hv = get(&c, 0x4000_0000, 0);
@@ -305,6 +314,7 @@ mod tests {
         let cfg = CpuidConfig {
             vcpu_count: 2,
             hide_pvm_unsupported: true,
+            tsc_deadline: true,
         };
         let c = vcpu_cpuid(&supported(), 1, cfg).unwrap();
         let l1 = get(&c, 1, 0);
@@ -326,8 +336,9 @@ mod tests {
         assert_eq!(get(&c, 0xd, 0).eax, 0);
         // Hypercall-based paravirtual features go, kvmclock stays.
         assert_eq!(get(&c, 0x4000_0001, 0).eax, 0x9);
-        // Unrelated bits survive.
+        // Unrelated bits survive; the TSC-deadline timer is offered when asked for.
         assert_ne!(l1.edx, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         // Without PVM, KVM's features pass through.
         let plain = CpuidConfig {
             hide_pvm_unsupported: false,
