@@ -82,11 +82,28 @@ fn build_kit(root: &Path) -> Result<Kit> {
 fn build_vireo(root: &Path) -> Result<PathBuf> {
     // Either build can take minutes from cold; say what is being waited for.
     eprintln!("building vireo (release)…");
+    // Statically linked: only the parts of the C library vireo calls are mapped, and no
+    // dynamic loader runs, so each VM process starts sooner and touches ~1 MiB fewer pages.
+    // An explicit --target keeps the flag off build scripts and proc-macros (built for the
+    // host, where static linking is not supported).
     run(cargo()
         .current_dir(root)
-        .args(["build", "--quiet", "--release", "-p", "vireo"]))?;
-    Ok(root.join("target/release/vireo"))
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static")
+        .env_remove("RUSTFLAGS")
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "vireo",
+            "--target",
+            HOST_TARGET,
+        ]))?;
+    Ok(root.join("target").join(HOST_TARGET).join("release/vireo"))
 }
+
+/// The target triple vireo's release binary is built for.
+const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The probe guest alone, for what boots nothing else (the demo boot, the benchmarks).
 fn build_probe(root: &Path) -> Result<probe::ProbeImages> {

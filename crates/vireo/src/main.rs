@@ -52,12 +52,14 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    let filter = match tracing_subscriber::EnvFilter::try_new(level) {
+    // A plain level filter: the environment-driven filter would pull a regex engine into
+    // every process (and its pages into every VM's memory) for a choice of six words.
+    let filter: tracing_subscriber::filter::LevelFilter = match level.parse() {
         Ok(f) => f,
         Err(e) => return fail(format!("--log-level: {e}")),
     };
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
