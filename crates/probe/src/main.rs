@@ -14,6 +14,7 @@ mod dsdt;
 mod hostile;
 mod inet;
 mod inflight;
+mod irq;
 mod net;
 mod nethostile;
 mod netmodes;
@@ -62,6 +63,7 @@ enum Mode {
     Chatter,
     Net(netmodes::Mode),
     NetHostile,
+    Irq,
 }
 
 #[derive(Clone, Copy)]
@@ -120,6 +122,7 @@ fn parse(cmdline: &[u8]) -> Options {
                 b"net-bench" => Mode::Net(netmodes::Mode::Bench),
                 b"net-idle" => Mode::Net(netmodes::Mode::Idle),
                 b"net-hostile" => Mode::NetHostile,
+                b"irq" => Mode::Irq,
                 _ => Mode::Boot,
             };
         } else if let Some(v) = w.strip_prefix(b"probe.exit=") {
@@ -189,6 +192,7 @@ extern "C" fn probe_main(protocol: u32, ptr: u64) -> ! {
         Mode::Chatter => chatter(o.count),
         Mode::Net(m) => pass = netmodes::run(m, boot.cmdline()),
         Mode::NetHostile => pass = nethostile::run(boot.cmdline()),
+        Mode::Irq => pass = irq::run(boot.cmdline()),
         Mode::Boot => report(boot),
         Mode::Echo => echo(),
         Mode::Pio => pio(o.count),
