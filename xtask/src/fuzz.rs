@@ -14,9 +14,10 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, run};
 
 /// The targets, in the order they run (`fuzz/Cargo.toml` names the same).
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "blk_request",
     "port_io",
+    "ioapic",
     "cli_config",
     "kernel_loader",
     "virtio_mmio",

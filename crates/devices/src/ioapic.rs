@@ -95,7 +95,7 @@ impl Ioapic {
 
     /// The MSI an entry's interrupts become, or None when masked or not deliverable as a
     /// message (SMI, INIT, ExtINT and reserved delivery modes have no MSI form here).
-    fn msi(entry: u64) -> Option<(MsiMessage, bool)> {
+    pub(crate) fn msi(entry: u64) -> Option<(MsiMessage, bool)> {
         if entry & MASKED != 0 {
             return None;
         }
