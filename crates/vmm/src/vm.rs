@@ -254,6 +254,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     config.validate()?;
     // Compiled once, before any thread that needs one starts.
     let filters = Arc::new(Filters::new(config.seccomp)?);
+    phase("seccomp filters compiled");
     let signals = Signals::block()?;
     vcpu::install_kick_handler()?;
 
@@ -280,6 +281,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let kvm = open_kvm(mode)?;
     let pvm = arch::host_is_pvm();
     // Every file is open and no other thread exists yet: all of them inherit the domain.
+    phase("files open");
     if config.landlock.enabled {
         let paths = crate::landlock::vm_paths(config);
         match crate::landlock::restrict(&paths)? {
@@ -289,7 +291,7 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
             e => tracing::debug!("landlock: {e:?} over {} paths", paths.len()),
         }
     }
-    phase("files open, landlock on");
+    phase("landlock on");
     let (console_out, console_drain) = start_console(console_sink, &filters)?;
 
     let memory = MemoryManager::new(config.memory_size, config.memory_thp)?;
