@@ -285,7 +285,9 @@ struct Outcome {
     timed_out: bool,
     /// A VMM that reboots on the guest's reset ended without rebooting.
     no_reboot: bool,
-    /// The last of what the VMM wrote to stderr, for error messages.
+    /// The last of what the VMM wrote to stdout and stderr, for error messages (Firecracker
+    /// logs to stdout).
+    stdout_tail: String,
     stderr_tail: String,
 }
 
@@ -310,12 +312,13 @@ impl Outcome {
         } else {
             return None;
         };
-        let tail = self.stderr_tail.trim();
-        Some(if tail.is_empty() {
-            why
-        } else {
-            format!("{why}; stderr:\n{tail}")
-        })
+        let mut text = why;
+        for (what, tail) in [("stdout", &self.stdout_tail), ("stderr", &self.stderr_tail)] {
+            if !tail.trim().is_empty() {
+                text.push_str(&format!("; {what}:\n{}", tail.trim()));
+            }
+        }
+        Some(text)
     }
 }
 
@@ -366,6 +369,8 @@ struct Lines {
     reboot: Option<Duration>,
     marks: Vec<(String, Duration)>,
     peak_rss_kib: u64,
+    /// The last few lines.
+    tail: std::collections::VecDeque<String>,
 }
 
 /// Reads a VM's console: when the guest's first line came, marker lines, and (for a VMM
@@ -383,6 +388,7 @@ fn read_console(
         reboot: None,
         marks: Vec::new(),
         peak_rss_kib: 0,
+        tail: std::collections::VecDeque::new(),
     };
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
@@ -395,6 +401,10 @@ fn read_console(
         let t = start.elapsed();
         let line = String::from_utf8_lossy(&buf);
         let line = line.trim();
+        if out.tail.len() == 20 {
+            out.tail.pop_front();
+        }
+        out.tail.push_back(line.to_string());
         if line.contains(HELLO) {
             if out.first.is_none() {
                 out.first = Some(t);
@@ -558,6 +568,7 @@ fn run_batch(
             marks: lines.marks,
             timed_out: timed_out.get(i).copied().unwrap_or(false),
             no_reboot: reboots && lines.reboot.is_none(),
+            stdout_tail: Vec::from(lines.tail).join("\n"),
             stderr_tail,
         });
     }
