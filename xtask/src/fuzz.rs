@@ -14,10 +14,11 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, run};
 
 /// The targets, in the order they run (`fuzz/Cargo.toml` names the same).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "blk_request",
     "port_io",
     "ioapic",
+    "pci_config",
     "cli_config",
     "kernel_loader",
     "virtio_mmio",
