@@ -142,6 +142,10 @@ pub enum MmioError {
     /// `virtio-queue` rejected a virtqueue this transport had checked.
     #[error("virtqueue {index}: rejected by virtio-queue")]
     QueueInvalid { index: u16 },
+    /// A driver area at guest address 0: `virtio-queue` takes that for "not set up" and
+    /// would refuse every later walk of the ring, so the queue is refused up front.
+    #[error("virtqueue {index}: driver area at guest address 0 is not supported")]
+    QueueDriverAreaAtZero { index: u16 },
     /// The notification eventfd could not be duplicated for the device.
     #[error("virtqueue {index}: duplicating the notification eventfd: {source}")]
     NotifierClone { index: u16, source: std::io::Error },
@@ -325,6 +329,9 @@ impl QueueRegisters {
         let mut queue = Queue::new(self.max_size).map_err(|_| bad_size())?;
         queue.try_set_size(size).map_err(|_| bad_size())?;
 
+        if self.driver_area == 0 {
+            return Err(MmioError::QueueDriverAreaAtZero { index });
+        }
         let misaligned = |area, addr, align| MmioError::QueueAlignment {
             index,
             area,
@@ -1563,6 +1570,19 @@ mod tests {
         assert_eq!(h.read(reg::QUEUE_READY), 0);
         h.set_status(DRIVER_OK_STATUS);
         assert_eq!(h.calls().activations[0].1, [seen(0, 16, false)]);
+    }
+
+    /// Found by the virtio_mmio fuzz target: a driver area at address 0 passed QueueReady,
+    /// then every walk of the ring failed and the device asked for a reset. Now QueueReady
+    /// refuses it, as it refuses any queue it cannot use.
+    #[test]
+    fn a_driver_area_at_address_zero_is_refused_at_queue_ready() {
+        let mut h = harness();
+        h.negotiate(VIRTIO_F_VERSION_1);
+        let (desc, _, device) = standard_layout(0);
+        assert!(!h.setup_queue(0, 16, desc, 0, device));
+        assert_eq!(h.read(reg::QUEUE_READY), 0);
+        assert!(h.setup_standard_queue(0, 16), "a usable layout still works");
     }
 
     #[test]
