@@ -835,3 +835,47 @@ fn concurrent(root: &Path, vireo: &Path, guest: &Path, n: usize, rounds: usize) 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_is_median_min_max_and_nearest_rank_p90() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(summary(&v), Some((10.5, 1.0, 20.0, 18.0)));
+        assert_eq!(
+            summary(&[3.0, f64::NAN, 1.0, 2.0]),
+            Some((2.0, 1.0, 3.0, 3.0))
+        );
+        assert_eq!(summary(&[f64::NAN]), None);
+    }
+
+    #[test]
+    fn options() {
+        let o = Options::parse(&[]).unwrap();
+        assert_eq!((o.runs, o.concurrent), (20, None));
+        assert_eq!(Options::parse(&["5"]).unwrap().runs, 5);
+        let o = Options::parse(&["--concurrent", "50"]).unwrap();
+        assert_eq!(o.concurrent, Some((50, 3)));
+        let o = Options::parse(&["--concurrent", "50", "5"]).unwrap();
+        assert_eq!(o.concurrent, Some((50, 5)));
+        assert!(Options::parse(&["0"]).is_err());
+        assert!(Options::parse(&["--concurrent"]).is_err());
+        assert!(Options::parse(&["--concurrent", "x"]).is_err());
+    }
+
+    #[test]
+    fn firecracker_config_describes_the_vm() {
+        let dir = std::env::temp_dir().join(format!("vireo-fc-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = firecracker_config(&dir, Path::new("/k.elf"), "probe.mode=quick", 128).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(v["boot-source"]["kernel_image_path"], "/k.elf");
+        assert_eq!(v["boot-source"]["boot_args"], "probe.mode=quick");
+        assert_eq!(v["machine-config"]["vcpu_count"], 1);
+        assert_eq!(v["machine-config"]["mem_size_mib"], 128);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
