@@ -11,6 +11,7 @@
 
 mod apt;
 mod bench;
+mod cross;
 mod fuzz;
 mod kernel;
 mod kit;
@@ -190,6 +191,8 @@ fn main() -> Result<()> {
             bench::net(&vireo, &probe.elf, n)?;
         }
         ["fuzz", rest @ ..] => fuzz::fuzz(&root, rest)?,
+        // `devices`, `virtio` and `arch` checked and linted for aarch64 with Debian's toolchain.
+        ["cross-check"] => cross::cross_check(&root)?,
         _ => bail!(
             "usage: cargo xtask boot | test | kit | probe | bench boot [N] | bench boot --concurrent N [ROUNDS] | bench blk [N] | bench net [N] | fuzz [SECONDS]"
         ),
