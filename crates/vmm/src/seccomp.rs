@@ -129,6 +129,21 @@ const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
+// System calls x86_64 still has beside their newer forms (aarch64 has only the newer ones:
+// `clock_gettime`, `epoll_pwait`, `ppoll`), which glibc and std may use there.
+#[cfg(target_arch = "x86_64")]
+const LEGACY_TIME: &[i64] = &[libc::SYS_time];
+#[cfg(target_arch = "x86_64")]
+const LEGACY_EPOLL_WAIT: &[i64] = &[libc::SYS_epoll_wait];
+#[cfg(target_arch = "x86_64")]
+const LEGACY_POLL: &[i64] = &[libc::SYS_poll];
+#[cfg(not(target_arch = "x86_64"))]
+const LEGACY_TIME: &[i64] = &[];
+#[cfg(not(target_arch = "x86_64"))]
+const LEGACY_EPOLL_WAIT: &[i64] = &[];
+#[cfg(not(target_arch = "x86_64"))]
+const LEGACY_POLL: &[i64] = &[];
+
 /// Every thread: memory, locks, signals, time, its own end, and log lines on stderr.
 fn common() -> Vec<i64> {
     let mut v = vec![
@@ -158,8 +173,7 @@ fn common() -> Vec<i64> {
         libc::SYS_rseq,
         libc::SYS_set_robust_list,
     ];
-    #[cfg(target_arch = "x86_64")]
-    v.push(libc::SYS_time);
+    v.extend_from_slice(LEGACY_TIME);
     v
 }
 
@@ -184,9 +198,8 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             v.extend(net_worker());
         }
     }
-    #[cfg(target_arch = "x86_64")]
     if kind == ThreadKind::Vmm {
-        v.push(SYS_poll);
+        v.extend_from_slice(LEGACY_POLL);
     }
     v.sort_unstable();
     v.dedup();
@@ -210,8 +223,7 @@ fn block_worker() -> Vec<i64> {
         SYS_fdatasync,
         SYS_fallocate,
     ];
-    #[cfg(target_arch = "x86_64")]
-    v.push(SYS_epoll_wait);
+    v.extend_from_slice(LEGACY_EPOLL_WAIT);
     v
 }
 
@@ -226,8 +238,7 @@ fn net_worker() -> Vec<i64> {
         SYS_readv,
         SYS_writev,
     ];
-    #[cfg(target_arch = "x86_64")]
-    v.push(SYS_epoll_wait);
+    v.extend_from_slice(LEGACY_EPOLL_WAIT);
     v
 }
 
