@@ -67,6 +67,22 @@ fn install_panic_restore() {
     });
 }
 
+/// Whether stdin can ever give the guest input: not when it is closed or `/dev/null` (as
+/// under orchestrators and benchmarks), where a reader thread would only cost a thread.
+pub fn stdin_has_input() -> bool {
+    // SAFETY: fstat on fd 0 into a zeroed stat we own.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(0, &mut st) != 0 {
+            return false;
+        }
+        st
+    };
+    let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    // /dev/null is character device 1:3.
+    !(is_char && libc::major(st.st_rdev) == 1 && libc::minor(st.st_rdev) == 3)
+}
+
 /// Feeds stdin to the UART's receive FIFO until stdin closes. The thread blocks in read();
 /// it needs no stopping since it holds nothing that must be flushed.
 pub fn spawn_stdin_reader(
@@ -106,4 +122,36 @@ pub fn spawn_stdin_reader(
             }
         })
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dev_null_gives_no_input() {
+        use std::os::fd::AsRawFd;
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: duplicating fd 0 to restore it afterwards.
+        let saved = unsafe { libc::dup(0) };
+        // SAFETY: swapping fd 0 for the test and restoring it.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+        let with_null = super::stdin_has_input();
+        let (r, w) = {
+            let mut fds = [0; 2];
+            // SAFETY: pipe(2) into a local array.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            (fds[0], fds[1])
+        };
+        // SAFETY: as above.
+        unsafe { libc::dup2(r, 0) };
+        let with_pipe = super::stdin_has_input();
+        // SAFETY: restoring fd 0 and closing the pipe.
+        unsafe {
+            libc::dup2(saved, 0);
+            libc::close(saved);
+            libc::close(r);
+            libc::close(w);
+        }
+        assert!(!with_null);
+        assert!(with_pipe);
+    }
 }

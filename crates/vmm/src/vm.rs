@@ -423,9 +423,11 @@ pub fn run(config: &VmConfig) -> Result<ExitStatus, VmError> {
     let (pio, mmio) = devices.take_buses();
     let _raw = if config.serial == SerialConfig::Tty {
         let guard = RawModeGuard::enable();
-        let f = filters.clone();
-        spawn_stdin_reader(serial, move || f.apply_or_exit(ThreadKind::SerialIn))
-            .map_err(VmError::StdinThread)?;
+        if crate::terminal::stdin_has_input() {
+            let f = filters.clone();
+            spawn_stdin_reader(serial, move || f.apply_or_exit(ThreadKind::SerialIn))
+                .map_err(VmError::StdinThread)?;
+        }
         Some(guard)
     } else {
         None
