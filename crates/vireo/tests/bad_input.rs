@@ -360,11 +360,7 @@ fn a_disk_in_use_by_another_vm_is_refused() {
         return;
     }
     let dir = scratch("locked-disk");
-    let img = dir.join("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = sparse_image(&dir, "d.img", 1 << 20);
     let elf = probe_elf();
     let disk = format!("path={}", img.display());
     let first = spawn(&[
@@ -392,11 +388,7 @@ fn a_disk_in_use_by_another_vm_is_refused() {
 fn a_disk_without_permission_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let (dir, k) = world_readable_kernel("perm-disk");
-    let img = dir.join("root-only.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = sparse_image(&dir, "root-only.img", 1 << 20);
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
     let disk = format!("path={}", img.display());
     let Some((code, stderr)) = vireo_as_nobody(

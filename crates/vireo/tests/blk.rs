@@ -17,10 +17,7 @@ fn pattern(o: u64, seed: u64) -> u64 {
 }
 
 fn image(dir: &Path, name: &str, bytes: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = fs::File::create(&p).unwrap();
-    f.set_len(bytes).unwrap();
-    p
+    sparse_image(dir, name, bytes)
 }
 
 fn disk_arg(p: &Path, extra: &str) -> String {

@@ -38,11 +38,7 @@ fn blk_inflight_attack_stays_bounded_and_stoppable() {
         return;
     }
     let dir = scratch("inflight");
-    let img = dir.join("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let img = sparse_image(&dir, "d.img", 16 << 20);
     let elf = probe_elf();
     let run = spawn(&[
         "--kernel",
@@ -108,11 +104,7 @@ fn a_console_nobody_reads_does_not_block_shutdown() {
         return;
     }
     let dir = scratch("stuck-console");
-    let img = dir.join("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = sparse_image(&dir, "d.img", 1 << 20);
     let elf = probe_elf();
     let mut child = Command::new(vireo_bin())
         .args([

@@ -49,8 +49,7 @@ fn com1_and_disk_interrupts_arrive_mask_and_wait_for_eoi() {
         return;
     }
     let dir = scratch("irq");
-    let img = dir.join("d0.img");
-    fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let img = sparse_image(&dir, "d0.img", 1 << 20);
     let disk = format!("path={}", img.display());
     let hold = lapic_holds_in_service();
     for chip in IRQCHIPS {

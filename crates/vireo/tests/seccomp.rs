@@ -55,11 +55,7 @@ fn every_thread_of_a_running_vm_is_filtered() {
         return;
     }
     let dir = scratch("seccomp-threads");
-    let img = dir.join("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let img = sparse_image(&dir, "d.img", 16 << 20);
     let elf = probe_elf();
     let k = elf.to_str().unwrap();
 

@@ -69,6 +69,15 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// A sparse file of `bytes` at `dir/name` (a raw disk image for a test).
+pub fn sparse_image(dir: &Path, name: &str, bytes: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    p
+}
+
 /// The word-wise FNV-1a the probe guest computes over its initrd.
 pub fn fnv1a64w(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
