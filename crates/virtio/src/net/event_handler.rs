@@ -847,6 +847,69 @@ mod tests {
         );
     }
 
+    /// A receive chain the device holds for a frame, posted again by the driver, breaks the
+    /// ring (§2.7.13): DEVICE_NEEDS_RESET, and the worker stops taking chains instead of
+    /// reserving the same buffer over and over.
+    #[test]
+    fn a_receive_head_posted_again_while_reserved_breaks_the_ring() {
+        const WRITE: u16 = 2;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+        // One 16-byte buffer: too small for the frame, so it is reserved and more are taken.
+        rxq.add_desc_chains(&[desc(0x40_0000, 16, WRITE, 0)], 0)
+            .unwrap();
+        for slot in 1..4 {
+            rxq.avail().ring().ref_at(slot).unwrap().store(0);
+        }
+        rxq.avail().idx().store(4);
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        // SAFETY: the descriptor is ours alone from here on.
+        let file = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(ours)) };
+        let tap = Tap::from_file(file, "test");
+        // A broadcast frame of 200 bytes after the 12-byte header.
+        let mut frame = vec![0u8; VNET_HDR_LEN + 200];
+        frame[VNET_HDR_LEN..VNET_HDR_LEN + 6].fill(0xff);
+        theirs.send(&frame).unwrap();
+        let irq: Arc<dyn VirtioInterrupt> = Arc::new(NoIrq);
+        let needs_reset = DeviceNeedsReset::new(irq.clone());
+        let queues = vec![
+            (RX, rxq.create_queue().unwrap(), EventFd::new(0).unwrap()),
+            (TX, txq.create_queue().unwrap(), EventFd::new(0).unwrap()),
+        ];
+        let ctx = ActivateContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            acked_features: 1 << VIRTIO_NET_F_MRG_RXBUF,
+            queues,
+            interrupt: irq,
+            needs_reset: needs_reset.clone(),
+            spawner: Arc::new(crate::DirectSpawner),
+        };
+        let Ok(mut w) = Worker::new(
+            ctx,
+            tap,
+            [2, 0, 0, 0, 0, 1],
+            Arc::new(NetMetrics::default()),
+            Arc::default(),
+            EventFd::new(0).unwrap(),
+        ) else {
+            panic!("worker");
+        };
+        w.process_rx();
+        assert!(needs_reset.is_raised());
+        assert!(w.broken);
+        assert_eq!(w.rx_reserved.len(), 1, "the head was reserved once");
+        assert_eq!(
+            rxq.used().idx().load(),
+            0,
+            "nothing delivered into a doubled buffer"
+        );
+        // A broken device takes nothing more.
+        w.process_rx();
+        assert_eq!(w.rx_reserved.len(), 1);
+    }
+
     #[test]
     fn filter_follows_the_control_settings() {
         let mac = [0x02, 1, 2, 3, 4, 5];
